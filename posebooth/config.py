@@ -1,0 +1,280 @@
+"""Strict, typed, frozen configuration loaded from ``params.yaml``.
+
+Every stage names the sections it reads; each section maps onto one frozen dataclass below. An unknown
+key, a missing key, a wrong type or an out-of-range value raises ``ConfigError`` naming the key and what
+is allowed, before any heavy work. ``params.yaml`` is the single source of values: no defaults here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem; the message names the key and what is allowed."""
+
+
+def _rng(lo=None, hi=None, lo_open=False, doc=""):
+    """Field metadata: an allowed numeric range, open or closed at the low end."""
+    return field(metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc})
+
+
+def _positive():
+    return _rng(0, lo_open=True)
+
+
+def _nonneg():
+    return _rng(0)
+
+
+def _prob():
+    return _rng(0.0, 1.0)
+
+
+SCHEDULERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "dpm++")
+
+
+@dataclass(frozen=True)
+class Common:
+    """Values several stages share."""
+
+    model: str  # "embedded:tiny-sd15", a hub id, or a local diffusers folder
+    resolution: int = _rng(16, 4096)
+    identifier: str
+    class_noun: str
+    instance_prompt: str  # template with {identifier} and {class_noun}
+    class_prompt: str  # template with {class_noun}
+    seed: int = _nonneg()
+    device: Literal["cpu", "cuda", "mps"]
+
+
+@dataclass(frozen=True)
+class PrepareImages:
+    input_dir: str
+    min_images: int = _rng(1)
+    min_source_size: int = _rng(1)
+
+
+@dataclass(frozen=True)
+class GenerateClassPriors:
+    num_class_images: int = _nonneg()
+    batch_size: int = _rng(1)
+    steps: int = _rng(1)
+    guidance_scale: float = _nonneg()
+    scheduler: Literal[SCHEDULERS]
+
+
+@dataclass(frozen=True)
+class ExtractPoses:
+    detector: Literal["sidecar"]
+    min_keypoints: int = _rng(1, 18)
+    render_size: int = _rng(64, 4096)
+
+
+@dataclass(frozen=True)
+class Train:
+    """Stage 1: DreamBooth LoRA on the UNet with prior preservation."""
+
+    steps: int = _rng(1)
+    lr: float = _positive()
+    batch_size: int = _rng(1)
+    rank: int = _rng(1)
+    alpha: float = _positive()
+    target_modules: list[str]
+    prior_loss_weight: float = _nonneg()
+    weight_decay: float = _nonneg()
+    max_grad_norm: float = _positive()
+
+
+@dataclass(frozen=True)
+class TrainPose:
+    """Stage 2: the OpenPose ControlNet on the subject's (image, pose map) pairs, identity frozen."""
+
+    controlnet: str  # "from_unet", "embedded:tiny-sd15-openpose", a hub id or a local folder
+    steps: int = _rng(1)
+    lr: float = _positive()
+    batch_size: int = _rng(1)
+    empty_prompt_prob: float = _prob()
+    max_grad_norm: float = _positive()
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompts: list[str]  # templates with {identifier} and {class_noun}
+    poses: list[str]  # keypoint JSON files of target poses
+    seeds: list[int]
+    steps: int = _rng(1)
+    guidance_scale: float = _nonneg()
+    conditioning_scale: float = _nonneg()
+    scheduler: Literal[SCHEDULERS]
+    pose_free: bool
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    clip_model: str  # "embedded:tiny-clip" (stand-in) or e.g. "openai/clip-vit-base-patch32"
+    dino_model: str  # "embedded:tiny-dino" (stand-in) or "facebook/dino-vits16"
+    lpips_net: Literal["alex", "vgg", "squeeze", "random-alex"]
+
+
+SECTIONS: dict[str, type] = {
+    "common": Common,
+    "prepare_images": PrepareImages,
+    "generate_class_priors": GenerateClassPriors,
+    "extract_poses": ExtractPoses,
+    "train": Train,
+    "train_pose": TrainPose,
+    "sample": Sample,
+    "evaluate": Evaluate,
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.2), not as the string PyYAML makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Parse a params file; the error names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the repository root, where params.yaml lives")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _check_type(key: str, value, tp):
+    """Return ``value`` if it matches annotation ``tp`` (ints are accepted as floats), else raise."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item_tp.__name__}, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_range(key: str, value, meta) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+        raise ConfigError(f"{key}: {value!r} is out of range; it must be {bound}" + (f" and <= {hi}" if hi else ""))
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is out of range; it must be <= {hi}")
+
+
+def build_section(name: str, raw) -> object:
+    """Validate one section's mapping against its dataclass and return the frozen instance."""
+    cls = SECTIONS[name]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key; allowed keys are {sorted(fields)}")
+    missing = [k for k in fields if k not in raw]
+    if missing:
+        raise ConfigError(f"{name}.{missing[0]}: missing; params.yaml must set every key of '{name}'")
+    values = {}
+    for key, f in fields.items():
+        full = f"{name}.{key}"
+        value = _check_type(full, raw[key], hints[key])
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_range(full, value, f.metadata)
+        values[key] = value
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The sections a stage asked for; the others are ``None``."""
+
+    common: Common | None = None
+    prepare_images: PrepareImages | None = None
+    generate_class_priors: GenerateClassPriors | None = None
+    extract_poses: ExtractPoses | None = None
+    train: Train | None = None
+    train_pose: TrainPose | None = None
+    sample: Sample | None = None
+    evaluate: Evaluate | None = None
+
+    def as_dict(self) -> dict:
+        """The loaded sections as plain data, for saving next to a model."""
+        return {k: dataclasses.asdict(v) for k, v in vars(self).items() if v is not None}
+
+
+def load(sections: typing.Iterable[str], path: str | Path = "params.yaml") -> Config:
+    """Load and validate exactly ``sections`` of ``path``; cross-field checks follow."""
+    data = read_yaml(path)
+    loaded = {}
+    for name in sections:
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section {name!r}; sections are {sorted(SECTIONS)}")
+        if name not in data:
+            raise ConfigError(f"{path}: section '{name}' is missing")
+        loaded[name] = build_section(name, data[name])
+    cfg = Config(**loaded)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> None:
+    c = cfg.common
+    if c is not None:
+        if not re.fullmatch(r"\S+", c.identifier):
+            raise ConfigError(f"common.identifier: {c.identifier!r} must be one word without spaces, e.g. 'sks'")
+        if "{identifier}" not in c.instance_prompt:
+            raise ConfigError("common.instance_prompt: must contain '{identifier}', e.g. 'a photo of {identifier} {class_noun}'")
+        _check_template("common.instance_prompt", c.instance_prompt)
+        _check_template("common.class_prompt", c.class_prompt)
+    if cfg.sample is not None:
+        for i, p in enumerate(cfg.sample.prompts):
+            _check_template(f"sample.prompts[{i}]", p)
+        if not cfg.sample.prompts or not cfg.sample.seeds:
+            raise ConfigError("sample.prompts and sample.seeds: each needs at least one entry")
+    if cfg.train is not None and cfg.generate_class_priors is not None:
+        if cfg.train.prior_loss_weight > 0 and cfg.generate_class_priors.num_class_images == 0:
+            raise ConfigError(
+                "train.prior_loss_weight > 0 needs class images: set generate_class_priors.num_class_images >= 1 "
+                "or train.prior_loss_weight: 0"
+            )
+
+
+def _check_template(key: str, template: str) -> None:
+    try:
+        template.format(identifier="x", class_noun="y")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"{key}: {template!r} may only use {{identifier}} and {{class_noun}} ({err})") from err
+
+
+def fill(template: str, common: Common) -> str:
+    """Fill a prompt template with the identifier and the class noun."""
+    return template.format(identifier=common.identifier, class_noun=common.class_noun)
+

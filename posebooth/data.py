@@ -1,0 +1,54 @@
+"""Loading upstream stage outputs as tensors: prepared instance images, class images, pose pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from posebooth.images import to_tensor
+from posebooth.outputs import read_json
+
+
+def _read_rgb(path: Path, resolution: int) -> Image.Image:
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    if image.size != (resolution, resolution):
+        raise ValueError(f"{path}: is {image.size[0]}x{image.size[1]}, expected {resolution}x{resolution}; re-run dvc repro")
+    return image
+
+
+def instance_images(prepared: str | Path, resolution: int) -> tuple[list[str], torch.Tensor]:
+    """Names and pixels (N, 3, R, R) in [-1, 1] of the prepared instance images."""
+    prepared = Path(prepared)
+    names = [r["name"] for r in read_json(prepared / "manifest.json")["images"]]
+    if not names:
+        raise ValueError(f"{prepared}: no prepared images; check the prepare_images stage")
+    return names, torch.stack([to_tensor(_read_rgb(prepared / "images" / f"{n}.png", resolution)) for n in names])
+
+
+def class_images(class_dir: str | Path, resolution: int) -> torch.Tensor:
+    """Pixels (M, 3, R, R) in [-1, 1] of the generated class images; M may be 0."""
+    class_dir = Path(class_dir)
+    files = [class_dir / r["file"] for r in read_json(class_dir / "manifest.json")["images"]]
+    if not files:
+        return torch.empty(0, 3, resolution, resolution)
+    return torch.stack([to_tensor(_read_rgb(f, resolution)) for f in files])
+
+
+def pose_map_tensor(image: Image.Image) -> torch.Tensor:
+    """A pose map (RGB, black background) -> ``controlnet_cond`` (3, H, W) in [0, 1], not normalised."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def pose_pairs(prepared: str | Path, poses: str | Path, resolution: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(names, images (N, 3, R, R) in [-1, 1], pose maps (N, 3, R, R) in [0, 1]) for images with a usable pose."""
+    prepared, poses = Path(prepared), Path(poses)
+    names = [r["name"] for r in read_json(poses / "report.json")["images"] if r["used"]]
+    if not names:
+        raise ValueError(f"{poses}/report.json: no image has a usable pose; see the extract_poses stage")
+    images = torch.stack([to_tensor(_read_rgb(prepared / "images" / f"{n}.png", resolution)) for n in names])
+    maps = torch.stack([pose_map_tensor(_read_rgb(poses / "maps" / f"{n}.png", resolution)) for n in names])
+    return names, images, maps

@@ -1,0 +1,196 @@
+"""The embedded tiny models: SD-1.5-architecture pipeline, its ControlNet and stand-in metric backbones.
+
+Built deterministically from a fixed seed, saved as standard diffusers / transformers folders in a cache
+keyed by this file's hash, and then loaded through the same ``from_pretrained`` path as a hub id. They
+let the whole pipeline run offline on a CPU in minutes; their outputs measure nothing about image quality.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PREFIX = "embedded:"
+SEED = 20260101
+# name -> (builder function name, subfolder of the built folder that the name refers to)
+NAMES = {
+    "tiny-sd15": ("build_tiny_sd15", ""),
+    "tiny-sd15-openpose": ("build_tiny_sd15", "controlnet"),
+    "tiny-clip": ("build_tiny_clip", ""),
+    "tiny-dino": ("build_tiny_dino", ""),
+}
+
+
+def is_embedded(ref: str) -> bool:
+    """True when ``ref`` names an embedded model (``embedded:<name>``)."""
+    return ref.startswith(PREFIX)
+
+
+def cache_root() -> Path:
+    """Folder holding built embedded models: ``$POSEBOOTH_CACHE`` or ``~/.cache/posebooth``."""
+    return Path(os.environ.get("POSEBOOTH_CACHE", Path.home() / ".cache" / "posebooth")) / "embedded"
+
+
+def builder_hash() -> str:
+    """Hash of this module's source: a change to any builder gives a new cache folder."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def resolve(ref: str) -> str:
+    """Turn ``embedded:<name>`` into a local folder (building it once); return any other ref unchanged."""
+    if not is_embedded(ref):
+        return ref
+    name = ref[len(PREFIX) :]
+    if name not in NAMES:
+        raise ValueError(f"unknown embedded model {ref!r}; known: {', '.join(PREFIX + n for n in NAMES)}")
+    builder, sub = NAMES[name]
+    folder = cache_root() / f"{builder.removeprefix('build_')}-{builder_hash()}"
+    if not (folder / ".complete").exists():
+        _build_atomically(folder, globals()[builder])
+    return str(folder / sub) if sub else str(folder)
+
+
+def _build_atomically(folder: Path, build) -> None:
+    """Build into a temporary sibling and rename, so concurrent stages never see a half-built folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        log.info("building embedded model into %s", folder)
+        build(tmp)
+        (tmp / ".complete").write_text(builder_hash())
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first: keep theirs
+            if not (folder / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clip_tokenizer_files(out: Path) -> None:
+    """Write the real 49,408-token CLIP BPE tokenizer (vocab.json, merges.txt) from open_clip's vocabulary.
+
+    Same construction as OpenAI's CLIP: 256 byte symbols, the same with ``</w>``, one token per merge
+    (lines 1..48894 after the header), then the two special tokens.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+def _clip_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    clip_tokenizer_files(folder)
+    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    return tok
+
+
+def build_tiny_sd15(out: Path) -> None:
+    """A tiny Stable Diffusion 1.5 architecture: 8x VAE (four blocks), cross-attention UNet, CLIP text encoder."""
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    tokenizer = _clip_tokenizer(out / "_tok")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: 8x like SD's VAE
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    # Made from the UNet before any LoRA is injected: from_unet fails on a PEFT-wrapped UNet.
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    # SD 1.5's scheduler settings (scaled_linear betas, epsilon prediction).
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        clip_sample=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+
+
+def build_tiny_clip(out: Path) -> None:
+    """A tiny random CLIP (vision + text towers) with the real tokenizer: a stand-in for CLIP-I / CLIP-T."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(SEED + 1)
+    tokenizer = _clip_tokenizer(out / "_tok")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    CLIPModel(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    shutil.rmtree(out / "_tok")
+
+
+def build_tiny_dino(out: Path) -> None:
+    """A tiny random ViT with DINO's layout (CLS token first): a stand-in for DINO ViT-S/16."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(SEED + 2)
+    config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)

@@ -1,0 +1,123 @@
+"""Loading the base model and ControlNet through ``from_pretrained`` (hub id, local folder or embedded).
+
+The embedded tiny model is built once into a cache folder (see ``embedded.py``) and then goes through
+exactly the same calls as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from posebooth import embedded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """The parts of an SD 1.5-style pipeline that posebooth trains and samples with."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object  # DDPMScheduler with the model's training schedule
+    ref: str
+
+
+def _offline_hint(ref: str, err: Exception) -> OSError:
+    return OSError(
+        f"cannot load model {ref!r}: {err}. If it is a hub id, this machine needs the network or a local copy "
+        f"(`huggingface-cli download {ref}` on a connected machine, then point params.yaml at the folder); "
+        "'embedded:tiny-sd15' runs offline."
+    )
+
+
+def load_components(ref: str, device: str = "cpu") -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler of ``ref``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = embedded.resolve(ref)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    except OSError as err:
+        raise _offline_hint(ref, err) from err
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+        m.eval()
+        m.to(device)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, ref)
+
+
+def load_controlnet(ref: str, unet=None, device: str = "cpu"):
+    """A ControlNet from ``ref`` or, for ``"from_unet"``, initialised from ``unet`` (which must carry no LoRA)."""
+    from diffusers import ControlNetModel
+
+    if ref == "from_unet":
+        if unet is None:
+            raise ValueError("train_pose.controlnet: 'from_unet' needs the base UNet")
+        return ControlNetModel.from_unet(unet).to(device)
+    try:
+        return ControlNetModel.from_pretrained(embedded.resolve(ref), use_safetensors=True).to(device)
+    except OSError as err:
+        raise _offline_hint(ref, err) from err
+
+
+SCHEDULER_CLASSES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+
+
+def make_scheduler(name: str, config):
+    """A sampling scheduler by its params name, configured like the model's own scheduler."""
+    import diffusers
+
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULER_CLASSES)}")
+    return getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(config)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> ``encoder_hidden_states`` (B, 77, D), padded to the tokenizer's max length like SD."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) (the posterior's mean)."""
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    return latents * vae.config.scaling_factor
+
+
+def sd_pipeline(comp: Components, scheduler_name: str, controlnet=None):
+    """A stock diffusers (ControlNet) pipeline from loaded components, with the named scheduler."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    parts = dict(
+        vae=comp.vae, text_encoder=comp.text_encoder, tokenizer=comp.tokenizer, unet=comp.unet,
+        scheduler=make_scheduler(scheduler_name, comp.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    if controlnet is None:
+        pipe = StableDiffusionPipeline(**parts)
+    else:
+        pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,111 @@
+"""Turning a folder of photos into training images: orient, crop, resize, carry keypoints along."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from posebooth import outputs
+from posebooth.images import (
+    ImageError,
+    centre_crop_box,
+    crop_resize,
+    file_sha256,
+    list_images,
+    load_image,
+    orient_points,
+    pixel_hash,
+)
+from posebooth.poses import Pose, crop_scale_pose, load_pose, map_pose
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One usable photo, ready for training."""
+
+    name: str  # output stem, unique in the set
+    source: Path
+    image: Image.Image  # resolution x resolution RGB
+    pose: Pose | None  # keypoints in the prepared image's pixels, if a sidecar exists
+    record: dict  # manifest entry
+
+
+@dataclass(frozen=True)
+class Skipped:
+    source: Path
+    reason: str
+
+
+def _safe_stem(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "image"
+
+
+def prepare_folder(input_dir: str | Path, resolution: int, min_source_size: int) -> tuple[list[Prepared], list[Skipped]]:
+    """Prepare every image in ``input_dir``; unusable ones are skipped with a reason naming the problem."""
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"prepare_images.input_dir: {folder} is not a folder; put the subject's photos there")
+    kept: list[Prepared] = []
+    skipped: list[Skipped] = []
+    seen: dict[str, Path] = {}
+    for i, path in enumerate(list_images(folder)):
+        try:
+            loaded = load_image(path)
+        except ImageError as err:
+            skipped.append(Skipped(path, str(err).removeprefix(f"{path}: ")))
+            continue
+        w, h = loaded.image.size
+        if min(w, h) < min_source_size:
+            skipped.append(Skipped(path, f"too small: {w}x{h}, shorter side below prepare_images.min_source_size={min_source_size}"))
+            continue
+        digest = pixel_hash(loaded.image)
+        if digest in seen:
+            skipped.append(Skipped(path, f"duplicate of {seen[digest].name}"))
+            continue
+        seen[digest] = path
+        box = centre_crop_box(w, h)
+        pose = None
+        sidecar = path.with_suffix(".json")
+        if sidecar.exists():
+            stored = load_pose(sidecar)  # PoseError names the file
+            if (stored.width, stored.height) != loaded.stored_size:
+                raise ValueError(
+                    f"{sidecar}: keypoints are for a {stored.width}x{stored.height} image but {path.name} stores "
+                    f"{loaded.stored_size[0]}x{loaded.stored_size[1]} pixels; annotate the image as stored"
+                )
+            shown = map_pose(stored, lambda xy: orient_points(xy, loaded.orientation, loaded.stored_size), w, h)
+            pose = crop_scale_pose(shown, box, resolution)
+        name = f"{i:03d}_{_safe_stem(path.stem)}"
+        record = {
+            "name": name,
+            "source": str(path),
+            "sha256": file_sha256(path),
+            "source_size": list(loaded.stored_size),
+            "exif_orientation": loaded.orientation,
+            "oriented_size": [w, h],
+            "crop_box": list(box),
+            "resolution": resolution,
+            "keypoints": pose is not None,
+        }
+        kept.append(Prepared(name, path, crop_resize(loaded.image, box, resolution), pose, record))
+    return kept, skipped
+
+
+def write_prepared(out: Path, kept: list[Prepared], skipped: list[Skipped]) -> None:
+    """Write images/*.png, keypoints/*.json and manifest.json into ``out``."""
+    (out / "images").mkdir(parents=True)
+    (out / "keypoints").mkdir()
+    for item in kept:
+        item.image.save(out / "images" / f"{item.name}.png")
+        if item.pose is not None:
+            outputs.write_json(out / "keypoints" / f"{item.name}.json", item.pose.to_json())
+    outputs.write_json(
+        out / "manifest.json",
+        {"images": [k.record for k in kept], "skipped": [{"source": str(s.source), "reason": s.reason} for s in skipped]},
+    )

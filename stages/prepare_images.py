@@ -1,0 +1,47 @@
+"""prepare_images: the user's photos -> square training images with their keypoints.
+
+Reads:  params common.resolution, prepare_images.*; photos (and *.json sidecars) in prepare_images.input_dir.
+Writes: data/prepared/ (images/*.png, keypoints/*.json, manifest.json), metrics/prepare_images.json.
+Source files are only read, never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from posebooth import config, outputs
+from posebooth.prepare import prepare_folder, write_prepared
+
+log = logging.getLogger("prepare_images")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="data/prepared")
+    ap.add_argument("--metrics", default="metrics/prepare_images.json")
+    args = ap.parse_args()
+    outputs.setup_logging()
+    cfg = config.load(["common", "prepare_images"])
+    p = cfg.prepare_images
+
+    kept, skipped = prepare_folder(p.input_dir, cfg.common.resolution, p.min_source_size)
+    for s in skipped:
+        log.warning("skipped %s: %s", s.source, s.reason)
+    if len(kept) < p.min_images:
+        raise SystemExit(
+            f"prepare_images: only {len(kept)} usable photo(s) in {p.input_dir} (prepare_images.min_images is "
+            f"{p.min_images}); add photos or lower the minimum. Skipped: "
+            + ("; ".join(f"{s.source}: {s.reason}" for s in skipped) or "none")
+        )
+    with outputs.atomic_dir(args.out) as tmp:
+        write_prepared(tmp, kept, skipped)
+    outputs.write_json(
+        args.metrics,
+        {"images": len(kept), "skipped": len(skipped), "with_keypoints": sum(k.pose is not None for k in kept)},
+    )
+    log.info("prepared %d image(s), skipped %d, into %s", len(kept), len(skipped), args.out)
+
+
+if __name__ == "__main__":
+    main()
