@@ -251,7 +251,13 @@ def _cross_checks(cfg: Config) -> None:
         if not re.fullmatch(r"\S+", c.identifier):
             raise ConfigError(f"common.identifier: {c.identifier!r} must be one word without spaces, e.g. 'sks'")
         if "{identifier}" not in c.instance_prompt:
-            raise ConfigError("common.instance_prompt: must contain '{identifier}', e.g. 'a photo of {identifier} {class_noun}'")
+            raise ConfigError(
+                "common.instance_prompt: must contain '{identifier}', e.g. 'a photo of {identifier} {class_noun}'"
+            )
+        if "{identifier}" in c.class_prompt:
+            raise ConfigError(
+                "common.class_prompt: must not contain '{identifier}': class images show the generic class"
+            )
         _check_template("common.instance_prompt", c.instance_prompt)
         _check_template("common.class_prompt", c.class_prompt)
     if cfg.sample is not None:
@@ -277,4 +283,3 @@ def _check_template(key: str, template: str) -> None:
 def fill(template: str, common: Common) -> str:
     """Fill a prompt template with the identifier and the class noun."""
     return template.format(identifier=common.identifier, class_noun=common.class_noun)
-

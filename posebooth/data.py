@@ -16,7 +16,9 @@ def _read_rgb(path: Path, resolution: int) -> Image.Image:
     with Image.open(path) as im:
         image = im.convert("RGB")
     if image.size != (resolution, resolution):
-        raise ValueError(f"{path}: is {image.size[0]}x{image.size[1]}, expected {resolution}x{resolution}; re-run dvc repro")
+        raise ValueError(
+            f"{path}: is {image.size[0]}x{image.size[1]}, expected {resolution}x{resolution}; re-run dvc repro"
+        )
     return image
 
 
@@ -43,7 +45,9 @@ def pose_map_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def pose_pairs(prepared: str | Path, poses: str | Path, resolution: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def pose_pairs(
+    prepared: str | Path, poses: str | Path, resolution: int
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(names, images (N, 3, R, R) in [-1, 1], pose maps (N, 3, R, R) in [0, 1]) for images with a usable pose."""
     prepared, poses = Path(prepared), Path(poses)
     names = [r["name"] for r in read_json(poses / "report.json")["images"] if r["used"]]

@@ -154,12 +154,22 @@ def build_tiny_sd15(out: Path) -> None:
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
     # SD 1.5's scheduler settings (scaled_linear betas, epsilon prediction).
     scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        clip_sample=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
@@ -173,10 +183,22 @@ def build_tiny_clip(out: Path) -> None:
     torch.manual_seed(SEED + 1)
     tokenizer = _clip_tokenizer(out / "_tok")
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=32,
     )
     CLIPModel(config).save_pretrained(out, safe_serialization=True)
@@ -190,7 +212,8 @@ def build_tiny_dino(out: Path) -> None:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(SEED + 2)
-    config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=32, patch_size=8)
+    config = ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     ViTModel(config, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)

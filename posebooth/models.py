@@ -31,7 +31,7 @@ class Components:
 def _offline_hint(ref: str, err: Exception) -> OSError:
     return OSError(
         f"cannot load model {ref!r}: {err}. If it is a hub id, this machine needs the network or a local copy "
-        f"(`huggingface-cli download {ref}` on a connected machine, then point params.yaml at the folder); "
+        f"(`hf download {ref}` on a connected machine, then point params.yaml at the folder); "
         "'embedded:tiny-sd15' runs offline."
     )
 
@@ -111,9 +111,14 @@ def sd_pipeline(comp: Components, scheduler_name: str, controlnet=None):
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
     parts = dict(
-        vae=comp.vae, text_encoder=comp.text_encoder, tokenizer=comp.tokenizer, unet=comp.unet,
+        vae=comp.vae,
+        text_encoder=comp.text_encoder,
+        tokenizer=comp.tokenizer,
+        unet=comp.unet,
         scheduler=make_scheduler(scheduler_name, comp.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     if controlnet is None:
         pipe = StableDiffusionPipeline(**parts)

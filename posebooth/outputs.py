@@ -26,11 +26,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        _normal_permissions(tmp)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp and some writers create private (0700/0600) paths: give outputs the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: str | Path, data) -> None:

@@ -67,7 +67,7 @@ def parse_pose(data, source: str) -> Pose:
         n = len(kp) if isinstance(kp, list) else kp
         raise PoseError(f"{source}: needs {len(KEYPOINT_NAMES)} keypoints ({', '.join(KEYPOINT_NAMES)}), got {n}")
     rows = []
-    for name, row in zip(KEYPOINT_NAMES, kp):
+    for name, row in zip(KEYPOINT_NAMES, kp, strict=False):
         ok = isinstance(row, list) and len(row) == 3
         ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
         if not ok:

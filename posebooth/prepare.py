@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -46,7 +47,9 @@ def _safe_stem(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "image"
 
 
-def prepare_folder(input_dir: str | Path, resolution: int, min_source_size: int) -> tuple[list[Prepared], list[Skipped]]:
+def prepare_folder(
+    input_dir: str | Path, resolution: int, min_source_size: int
+) -> tuple[list[Prepared], list[Skipped]]:
     """Prepare every image in ``input_dir``; unusable ones are skipped with a reason naming the problem."""
     folder = Path(input_dir)
     if not folder.is_dir():
@@ -62,7 +65,11 @@ def prepare_folder(input_dir: str | Path, resolution: int, min_source_size: int)
             continue
         w, h = loaded.image.size
         if min(w, h) < min_source_size:
-            skipped.append(Skipped(path, f"too small: {w}x{h}, shorter side below prepare_images.min_source_size={min_source_size}"))
+            skipped.append(
+                Skipped(
+                    path, f"too small: {w}x{h}, shorter side below prepare_images.min_source_size={min_source_size}"
+                )
+            )
             continue
         digest = pixel_hash(loaded.image)
         if digest in seen:
@@ -79,7 +86,9 @@ def prepare_folder(input_dir: str | Path, resolution: int, min_source_size: int)
                     f"{sidecar}: keypoints are for a {stored.width}x{stored.height} image but {path.name} stores "
                     f"{loaded.stored_size[0]}x{loaded.stored_size[1]} pixels; annotate the image as stored"
                 )
-            shown = map_pose(stored, lambda xy: orient_points(xy, loaded.orientation, loaded.stored_size), w, h)
+            shown = map_pose(
+                stored, partial(orient_points, orientation=loaded.orientation, size=loaded.stored_size), w, h
+            )
             pose = crop_scale_pose(shown, box, resolution)
         name = f"{i:03d}_{_safe_stem(path.stem)}"
         record = {
@@ -107,5 +116,8 @@ def write_prepared(out: Path, kept: list[Prepared], skipped: list[Skipped]) -> N
             outputs.write_json(out / "keypoints" / f"{item.name}.json", item.pose.to_json())
     outputs.write_json(
         out / "manifest.json",
-        {"images": [k.record for k in kept], "skipped": [{"source": str(s.source), "reason": s.reason} for s in skipped]},
+        {
+            "images": [k.record for k in kept],
+            "skipped": [{"source": str(s.source), "reason": s.reason} for s in skipped],
+        },
     )

@@ -23,29 +23,85 @@ from posebooth.poses import Pose, parse_pose  # noqa: E402
 SS = 4  # supersampling factor for anti-aliased drawing
 
 # Poses in normalised figure coordinates (x right, y down); image-left is the subject's right side.
-_HEAD = {"nose": (0.50, 0.20), "neck": (0.50, 0.30), "right_eye": (0.47, 0.18), "left_eye": (0.53, 0.18),
-         "right_ear": (0.43, 0.19), "left_ear": (0.57, 0.19)}
-_LEGS = {"right_hip": (0.45, 0.58), "right_knee": (0.45, 0.73), "right_ankle": (0.45, 0.88),
-         "left_hip": (0.55, 0.58), "left_knee": (0.55, 0.73), "left_ankle": (0.55, 0.88)}
+_HEAD = {
+    "nose": (0.50, 0.20),
+    "neck": (0.50, 0.30),
+    "right_eye": (0.47, 0.18),
+    "left_eye": (0.53, 0.18),
+    "right_ear": (0.43, 0.19),
+    "left_ear": (0.57, 0.19),
+}
+_LEGS = {
+    "right_hip": (0.45, 0.58),
+    "right_knee": (0.45, 0.73),
+    "right_ankle": (0.45, 0.88),
+    "left_hip": (0.55, 0.58),
+    "left_knee": (0.55, 0.73),
+    "left_ankle": (0.55, 0.88),
+}
 _SHOULDERS = {"right_shoulder": (0.40, 0.31), "left_shoulder": (0.60, 0.31)}
 POSES = {
-    "standing": {"right_elbow": (0.37, 0.45), "right_wrist": (0.36, 0.58), "left_elbow": (0.63, 0.45),
-                 "left_wrist": (0.64, 0.58)},
-    "arms_up": {"right_elbow": (0.35, 0.20), "right_wrist": (0.33, 0.08), "left_elbow": (0.65, 0.20),
-                "left_wrist": (0.67, 0.08)},
-    "wave": {"right_elbow": (0.37, 0.45), "right_wrist": (0.36, 0.58), "left_elbow": (0.72, 0.25),
-             "left_wrist": (0.70, 0.10)},
-    "t_pose": {"right_elbow": (0.27, 0.31), "right_wrist": (0.15, 0.31), "left_elbow": (0.73, 0.31),
-               "left_wrist": (0.85, 0.31)},
-    "walking": {"right_elbow": (0.42, 0.45), "right_wrist": (0.46, 0.56), "left_elbow": (0.60, 0.45),
-                "left_wrist": (0.56, 0.57), "right_knee": (0.40, 0.73), "right_ankle": (0.36, 0.88),
-                "left_knee": (0.58, 0.73), "left_ankle": (0.62, 0.88)},
-    "hands_on_hips": {"right_elbow": (0.30, 0.42), "right_wrist": (0.43, 0.56), "left_elbow": (0.70, 0.42),
-                      "left_wrist": (0.57, 0.56)},
+    "standing": {
+        "right_elbow": (0.37, 0.45),
+        "right_wrist": (0.36, 0.58),
+        "left_elbow": (0.63, 0.45),
+        "left_wrist": (0.64, 0.58),
+    },
+    "arms_up": {
+        "right_elbow": (0.35, 0.20),
+        "right_wrist": (0.33, 0.08),
+        "left_elbow": (0.65, 0.20),
+        "left_wrist": (0.67, 0.08),
+    },
+    "wave": {
+        "right_elbow": (0.37, 0.45),
+        "right_wrist": (0.36, 0.58),
+        "left_elbow": (0.72, 0.25),
+        "left_wrist": (0.70, 0.10),
+    },
+    "t_pose": {
+        "right_elbow": (0.27, 0.31),
+        "right_wrist": (0.15, 0.31),
+        "left_elbow": (0.73, 0.31),
+        "left_wrist": (0.85, 0.31),
+    },
+    "walking": {
+        "right_elbow": (0.42, 0.45),
+        "right_wrist": (0.46, 0.56),
+        "left_elbow": (0.60, 0.45),
+        "left_wrist": (0.56, 0.57),
+        "right_knee": (0.40, 0.73),
+        "right_ankle": (0.36, 0.88),
+        "left_knee": (0.58, 0.73),
+        "left_ankle": (0.62, 0.88),
+    },
+    "hands_on_hips": {
+        "right_elbow": (0.30, 0.42),
+        "right_wrist": (0.43, 0.56),
+        "left_elbow": (0.70, 0.42),
+        "left_wrist": (0.57, 0.56),
+    },
 }
-NAMES = ("nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
-         "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle",
-         "right_eye", "left_eye", "right_ear", "left_ear")
+NAMES = (
+    "nose",
+    "neck",
+    "right_shoulder",
+    "right_elbow",
+    "right_wrist",
+    "left_shoulder",
+    "left_elbow",
+    "left_wrist",
+    "right_hip",
+    "right_knee",
+    "right_ankle",
+    "left_hip",
+    "left_knee",
+    "left_ankle",
+    "right_eye",
+    "left_eye",
+    "right_ear",
+    "left_ear",
+)
 
 # (file name, pose, (width, height), figure box (left, top, size) in pixels, background colours, EXIF orientation)
 PHOTOS = [
@@ -74,12 +130,19 @@ def to_pixels(kp: dict, box: tuple[int, int, int]) -> np.ndarray:
 def draw_robot(canvas: Image.Image, kp: np.ndarray, size: int) -> None:
     """Draw the robot (silver head, cyan eyes, orange torso, dark limbs) on ``canvas`` (supersampled)."""
     d = ImageDraw.Draw(canvas)
-    p = {n: (x * SS, y * SS) for n, (x, y, _) in zip(NAMES, kp)}
+    p = {n: (x * SS, y * SS) for n, (x, y, _) in zip(NAMES, kp, strict=False)}
     u = size * SS / 100  # one hundredth of the figure
     limb = max(2, int(4.5 * u))
-    for a, b in [("right_hip", "right_knee"), ("right_knee", "right_ankle"), ("left_hip", "left_knee"),
-                 ("left_knee", "left_ankle"), ("right_shoulder", "right_elbow"), ("right_elbow", "right_wrist"),
-                 ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist")]:
+    for a, b in [
+        ("right_hip", "right_knee"),
+        ("right_knee", "right_ankle"),
+        ("left_hip", "left_knee"),
+        ("left_knee", "left_ankle"),
+        ("right_shoulder", "right_elbow"),
+        ("right_elbow", "right_wrist"),
+        ("left_shoulder", "left_elbow"),
+        ("left_elbow", "left_wrist"),
+    ]:
         d.line([p[a], p[b]], fill=(55, 55, 65), width=limb)
     for n in ("right_elbow", "left_elbow", "right_knee", "left_knee"):
         x, y = p[n]

@@ -40,7 +40,7 @@ def main() -> None:
                     images = generate(
                         pipe, prompt, batch, steps=g.steps, guidance_scale=g.guidance_scale, resolution=c.resolution
                     )
-                    for seed, image in zip(batch, images):
+                    for seed, image in zip(batch, images, strict=False):
                         name = f"class_{len(records):04d}.png"
                         image.save(tmp / "images" / name)
                         records.append({"file": f"images/{name}", "seed": seed})

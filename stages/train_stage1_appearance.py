@@ -73,7 +73,9 @@ def main() -> None:
             noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator)
             model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
-            loss, instance_loss, prior_loss = prior_preservation_loss(model_pred, target, t.prior_loss_weight, with_prior)
+            loss, instance_loss, prior_loss = prior_preservation_loss(
+                model_pred, target, t.prior_loss_weight, with_prior
+            )
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,7 +85,7 @@ def main() -> None:
                         grad_norm=grad_norm.item())  # fmt: skip
         if not torch.isfinite(loss):
             raise SystemExit(f"stage 1 diverged: final loss {loss.item()}; lower train.lr ({t.lr})")
-        steplog.summary(steps=t.steps, seconds=round(time.perf_counter() - start, 2), trainable_params=sum(p.numel() for p in params))
+        steplog.summary(steps=t.steps, trainable_params=sum(p.numel() for p in params))
         with outputs.atomic_dir(args.out) as tmp:
             save_unet_lora(unet, tmp)
             outputs.write_json(tmp / "training_config.json", {
@@ -93,7 +95,7 @@ def main() -> None:
     except BaseException:
         steplog.abort()
         raise
-    log.info("saved the LoRA to %s", args.out)
+    log.info("trained %d steps in %.1f s; saved the LoRA to %s", t.steps, time.perf_counter() - start, args.out)
 
 
 if __name__ == "__main__":

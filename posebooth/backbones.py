@@ -1,0 +1,94 @@
+"""Feature extractors behind the metrics: CLIP, DINO and LPIPS, from a hub id, a folder or a stand-in.
+
+``embedded:tiny-clip`` / ``embedded:tiny-dino`` and LPIPS ``random-alex`` are random networks that
+run offline: numbers made with them test the code and measure nothing, and are marked as stand-ins.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from posebooth import embedded
+
+
+def is_stand_in(ref: str) -> bool:
+    """True for backbones whose numbers measure nothing (random embedded networks)."""
+    return embedded.is_embedded(ref) or ref.startswith("random-")
+
+
+def _load_error(ref: str, err: Exception) -> OSError:
+    return OSError(
+        f"cannot load metric backbone {ref!r}: {err}. It comes from the Hugging Face Hub: download it on a "
+        f"connected machine (`hf download {ref}`) or name a local folder in params.yaml (evaluate.*)."
+    )
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 5 returns an output object whose ``pooler_output`` is the projected embedding."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class ClipEmbedder:
+    """CLIP image and text embeddings (projected, as in CLIP-I and CLIP-T)."""
+
+    def __init__(self, ref: str, device: str = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        path = embedded.resolve(ref)
+        try:
+            self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval().to(device)
+            self.processor = CLIPProcessor.from_pretrained(path)
+        except OSError as err:
+            raise _load_error(ref, err) from err
+        self.device = device
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, D) image embeddings."""
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        return _features(self.model.get_image_features(pixel_values=pixels))
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        """(N, D) text embeddings."""
+        tok = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return _features(self.model.get_text_features(**tok))
+
+
+class DinoEmbedder:
+    """DINO ViT CLS-token embeddings: ``last_hidden_state[:, 0]`` (not ``pooler_output``)."""
+
+    def __init__(self, ref: str, device: str = "cpu"):
+        from transformers import AutoImageProcessor, ViTModel
+
+        path = embedded.resolve(ref)
+        try:
+            self.model = ViTModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True).eval().to(device)
+            self.processor = AutoImageProcessor.from_pretrained(path)
+        except OSError as err:
+            raise _load_error(ref, err) from err
+        self.device = device
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
+
+
+def lpips_distance(net: str, device: str = "cpu"):
+    """An LPIPS distance (inputs in [-1, 1]); ``random-alex`` uses a random AlexNet and runs offline."""
+    import lpips
+
+    if net == "random-alex":
+        torch.manual_seed(0)  # a fixed random backbone, so the stand-in number is reproducible
+        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    else:
+        try:
+            model = lpips.LPIPS(net=net, verbose=False)
+        except (OSError, RuntimeError) as err:  # torchvision downloads the backbone on first use
+            raise OSError(
+                f"evaluate.lpips_net={net!r}: LPIPS needs torchvision's {net} weights (downloaded to "
+                f"$TORCH_HOME/hub/checkpoints on first use) and could not get them: {err}"
+            ) from err
+    return model.eval().to(device)

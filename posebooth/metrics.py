@@ -1,0 +1,47 @@
+"""Evaluation metrics as pure functions on embeddings and images (DreamBooth paper, section 4.1).
+
+- DINO / CLIP-I: mean pairwise cosine similarity between generated and reference image embeddings.
+- CLIP-T: mean cosine similarity between each image's CLIP embedding and its prompt's.
+- LPIPS diversity: mean LPIPS distance between images generated for the same prompt (and pose).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+
+def mean_pairwise_cosine(generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine over all (generated, reference) pairs; embeddings (G, D) and (R, D)."""
+    if len(generated) == 0 or len(reference) == 0:
+        raise ValueError("mean_pairwise_cosine needs at least one generated and one reference embedding")
+    return (F.normalize(generated.float(), dim=-1) @ F.normalize(reference.float(), dim=-1).T).mean().item()
+
+
+def mean_matched_cosine(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
+    """Mean cosine between row i of ``image_emb`` (N, D) and row i of ``text_emb`` (N, D) (CLIP-T)."""
+    if image_emb.shape != text_emb.shape or len(image_emb) == 0:
+        raise ValueError(
+            f"CLIP-T needs matching non-empty (N, D) inputs, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    return F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1).mean().item()
+
+
+def mean_pairwise_lpips(groups: list[torch.Tensor], distance) -> tuple[float | None, int]:
+    """Mean LPIPS over all pairs within each group (images (K, 3, H, W) in [-1, 1]); returns (mean, pairs).
+
+    ``distance(a, b)`` returns (P, 1, 1, 1) distances for (P, 3, H, W) batches, like ``lpips.LPIPS``.
+    Groups with fewer than two images contribute no pairs; with no pairs at all the mean is ``None``.
+    """
+    firsts, seconds = [], []
+    for g in groups:
+        for i, j in itertools.combinations(range(len(g)), 2):
+            firsts.append(g[i])
+            seconds.append(g[j])
+    if not firsts:
+        return None, 0
+    with torch.no_grad():
+        d = distance(torch.stack(firsts), torch.stack(seconds))
+    return d.flatten().mean().item(), len(firsts)

@@ -1,0 +1,85 @@
+"""sample: the subject in the target poses, from the stage-1 LoRA plus the stage-2 ControlNet.
+
+Reads:  params common.*, sample.*; models/stage1, models/stage2, the target pose files in sample.poses.
+Writes: samples/ (images/*.png, poses/*.png, index.json saying what produced each image),
+        plots/sample_grid.png (a labelled contact sheet: one row per prompt and pose, one column per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from posebooth import config, outputs
+from posebooth.generation import generate
+from posebooth.grid import contact_sheet
+from posebooth.models import load_components, load_controlnet, sd_pipeline
+from posebooth.poses import load_pose, render_pose
+
+log = logging.getLogger("sample")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--stage1", default="models/stage1")
+    ap.add_argument("--stage2", default="models/stage2")
+    ap.add_argument("--out", default="samples")
+    ap.add_argument("--grid", default="plots/sample_grid.png")
+    args = ap.parse_args()
+    outputs.setup_logging()
+    cfg = config.load(["common", "sample"])
+    c, s = cfg.common, cfg.sample
+    outputs.seed_everything(c.seed)
+    poses = {Path(p).stem: load_pose(Path(p)) for p in s.poses}  # validated before any model loads
+
+    comp = load_components(c.model, c.device)
+    controlnet = load_controlnet(str(Path(args.stage2) / "controlnet"), device=c.device)
+    posed = sd_pipeline(comp, s.scheduler, controlnet)
+    posed.load_lora_weights(args.stage1)  # the stock diffusers way: the LoRA sits in the shared UNet
+    free = sd_pipeline(comp, s.scheduler)  # same UNet (with the LoRA), no ControlNet
+
+    jobs = [(p, None) for p in s.prompts] if s.pose_free else []
+    jobs += [(p, name) for p in s.prompts for name in poses]
+    index, rows = [], []
+    with outputs.atomic_dir(args.out) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "poses").mkdir()
+        pose_maps = {name: render_pose(pose, c.resolution) for name, pose in poses.items()}
+        for name, image in pose_maps.items():
+            image.save(tmp / "poses" / f"{name}.png")
+        for j, (template, pose_name) in enumerate(tqdm(jobs, desc="sample", unit="row")):
+            prompt = config.fill(template, c)
+            common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution)
+            if pose_name is None:
+                images = generate(free, prompt, s.seeds, **common)
+            else:
+                images = generate(posed, prompt, s.seeds, control_image=pose_maps[pose_name],
+                                  conditioning_scale=s.conditioning_scale, **common)  # fmt: skip
+            for seed, image in zip(s.seeds, images, strict=False):
+                file = f"images/{j:03d}_{pose_name or 'free'}_s{seed}.png"
+                image.save(tmp / file)
+                index.append({
+                    "file": file, "prompt": prompt, "prompt_template": template, "pose": pose_name, "seed": seed,
+                    "steps": s.steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
+                    "conditioning_scale": s.conditioning_scale if pose_name else None,
+                })  # fmt: skip
+            thumbs = [pose_maps[pose_name] if pose_name else None] + images
+            rows.append((f"{prompt} | {'pose: ' + pose_name if pose_name else 'no pose'}", thumbs))
+        outputs.write_json(tmp / "index.json", {
+            "base_model": c.model, "stage1": args.stage1, "stage2": args.stage2, "identifier": c.identifier,
+            "class_noun": c.class_noun, "resolution": c.resolution, "images": index,
+        })  # fmt: skip
+    header = ["target pose"] + [f"seed {x}" for x in s.seeds]
+    sheet = contact_sheet(rows, header)
+    Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+    tmp_grid = Path(args.grid).with_suffix(".tmp.png")
+    sheet.save(tmp_grid)
+    tmp_grid.replace(args.grid)
+    log.info("wrote %d image(s) to %s and the contact sheet to %s", len(index), args.out, args.grid)
+
+
+if __name__ == "__main__":
+    main()

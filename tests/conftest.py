@@ -1,0 +1,47 @@
+"""Shared set-up: an offline environment and one embedded-model cache for the whole session.
+
+The environment is set when this file is imported, before any test module imports huggingface_hub
+(which reads HF_HUB_OFFLINE once, at import). Subprocesses (dvc, stage scripts) inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+_OWN_CACHE = None if os.environ.get("POSEBOOTH_TEST_CACHE") else tempfile.mkdtemp(prefix="posebooth-test-cache-")
+os.environ.update(
+    {
+        "POSEBOOTH_CACHE": os.environ.get("POSEBOOTH_TEST_CACHE") or _OWN_CACHE,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "TQDM_DISABLE": "1",
+    }
+)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def offline_env() -> str:
+    """The embedded-model cache folder of this session (the environment is already offline)."""
+    return os.environ["POSEBOOTH_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(offline_env) -> str:
+    """Folder of the embedded tiny SD 1.5 pipeline (built once per session)."""
+    from posebooth import embedded
+
+    return embedded.resolve("embedded:tiny-sd15")

@@ -1,0 +1,113 @@
+"""Strict params loading: every error names the key and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from posebooth import config
+from posebooth.config import ConfigError
+from tests.conftest import ROOT
+
+
+@pytest.fixture()
+def params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _load(tmp_path, data, sections=tuple(config.SECTIONS)):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return config.load(sections, path)
+
+
+def test_repository_params_load(tmp_path, params):
+    cfg = config.load(config.SECTIONS, ROOT / "params.yaml")
+    assert cfg.train.steps >= 1 and cfg.common.identifier == "sks"
+    assert isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("train", "stepz", 10, r"train.stepz: unknown key; allowed keys are \[.*'steps'"),
+        ("train", "steps", "ten", r"train.steps: expected int, got str 'ten'"),
+        ("train", "steps", 0, r"train.steps: 0 is out of range; it must be >= 1"),
+        ("train", "steps", -5, r"train.steps: -5 is out of range"),
+        ("train", "lr", 0.0, r"train.lr: 0.0 is out of range; it must be > 0"),
+        ("train", "rank", 0, r"train.rank: 0 is out of range"),
+        ("train", "steps", True, r"train.steps: expected int, got bool"),
+        ("train", "target_modules", "to_q", r"train.target_modules: expected a list of str"),
+        ("sample", "scheduler", "magic", r"sample.scheduler: 'magic' is not allowed; choose one of \['ddim'"),
+        ("common", "device", "tpu", r"common.device: 'tpu' is not allowed"),
+        ("train_pose", "empty_prompt_prob", 1.5, r"train_pose.empty_prompt_prob: 1.5 is out of range; it must be <= 1"),
+        ("extract_poses", "detector", "magic", r"extract_poses.detector: 'magic' is not allowed"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, params, section, key, value, message):
+    bad = copy.deepcopy(params)
+    bad[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, bad)
+
+
+def test_missing_key_and_section(tmp_path, params):
+    bad = copy.deepcopy(params)
+    del bad["train"]["lr"]
+    with pytest.raises(ConfigError, match=r"train.lr: missing"):
+        _load(tmp_path, bad)
+    del bad["train"]
+    with pytest.raises(ConfigError, match=r"section 'train' is missing"):
+        _load(tmp_path, bad, ["train"])
+
+
+def test_only_requested_sections_are_loaded(tmp_path, params):
+    bad = copy.deepcopy(params)
+    bad["sample"]["steps"] = -1  # another stage's problem
+    cfg = _load(tmp_path, bad, ["common", "train"])
+    assert cfg.sample is None and cfg.train is not None
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  other: 5e-6\n")
+    assert config.read_yaml(path)["train"] == {"lr": 1e-4, "other": 5e-6}
+
+
+def test_ints_are_accepted_as_floats(tmp_path, params):
+    params["train"]["alpha"] = 8
+    assert _load(tmp_path, params).train.alpha == 8.0
+
+
+def test_cross_field_checks(tmp_path, params):
+    bad = copy.deepcopy(params)
+    bad["train"]["prior_loss_weight"] = 1.0
+    bad["generate_class_priors"]["num_class_images"] = 0
+    with pytest.raises(ConfigError, match=r"train.prior_loss_weight > 0 needs class images"):
+        _load(tmp_path, bad)
+    bad = copy.deepcopy(params)
+    bad["common"]["instance_prompt"] = "a photo of a {class_noun}"
+    with pytest.raises(ConfigError, match=r"common.instance_prompt: must contain '\{identifier\}'"):
+        _load(tmp_path, bad)
+    bad = copy.deepcopy(params)
+    bad["common"]["class_prompt"] = "a photo of {identifier}"
+    with pytest.raises(ConfigError, match=r"common.class_prompt: must not contain"):
+        _load(tmp_path, bad)
+    bad = copy.deepcopy(params)
+    bad["sample"]["prompts"] = ["a {subject} on the moon"]
+    with pytest.raises(ConfigError, match=r"sample.prompts\[0\]"):
+        _load(tmp_path, bad)
+
+
+def test_config_is_frozen(params, tmp_path):
+    cfg = _load(tmp_path, params)
+    with pytest.raises(AttributeError):
+        cfg.train.steps = 3  # type: ignore[misc]
+
+
+def test_fill(tmp_path, params):
+    c = _load(tmp_path, params).common
+    assert config.fill(c.instance_prompt, c) == "a photo of sks robot"
+    assert config.fill(c.class_prompt, c) == "a photo of a robot"

@@ -1,0 +1,82 @@
+"""One real stage-1 optimisation step on the tiny model; the saved LoRA loads in a stock diffusers pipeline."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from posebooth.diffusion import add_noise, diffusion_target, prior_preservation_loss
+from posebooth.lora import LORA_FILE, add_unet_lora, load_unet_lora, save_unet_lora
+from posebooth.models import encode_prompts, load_components
+from posebooth.training import make_optimizer
+
+
+def _train(comp, steps: int, lr: float):
+    """A few DreamBooth LoRA steps (instance + class halves) on random latents."""
+    unet = comp.unet
+    params = add_unet_lora(unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    opt = make_optimizer(params, lr, 0.0)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 4, 4, generator=g)
+    ehs = encode_prompts(comp.tokenizer, comp.text_encoder, ["a photo of sks robot", "a photo of a robot"])
+    unet.train()
+    for _ in range(steps):
+        noisy, noise, t = add_noise(comp.noise_scheduler, latents, g)
+        pred = unet(noisy, t, ehs).sample
+        loss, _, _ = prior_preservation_loss(pred, diffusion_target(comp.noise_scheduler, latents, noise, t), 1.0, True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+    return params, loss
+
+
+def test_step_changes_only_lora_weights(tiny_sd):
+    comp = load_components("embedded:tiny-sd15")
+    frozen = {k: v.clone() for k, v in comp.unet.state_dict().items()}
+    te = {k: v.clone() for k, v in comp.text_encoder.state_dict().items()}
+    vae = {k: v.clone() for k, v in comp.vae.state_dict().items()}
+    lora_before = {n: p.detach().clone() for n, p in comp.unet.named_parameters() if "lora" in n}
+    assert not lora_before  # no adapter yet
+    params, loss = _train(comp, 1, 1e-3)
+    assert torch.isfinite(loss)
+    after = comp.unet.state_dict()
+    lora_keys = [k for k in after if "lora" in k]
+    assert lora_keys and all(p.requires_grad for p in params)
+    assert {id(p) for p in params} == {id(p) for n, p in comp.unet.named_parameters() if "lora_" in n}
+    for key, value in frozen.items():  # every base weight bit-identical (PEFT renames wrapped ones)
+        new_key = (
+            key if key in after else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        )
+        assert torch.equal(after[new_key], value), key
+    assert any(not torch.all(after[k] == 0) for k in lora_keys if "lora_B" in k)  # B left its zero init
+    assert all(torch.equal(v, comp.text_encoder.state_dict()[k]) for k, v in te.items())
+    assert all(torch.equal(v, comp.vae.state_dict()[k]) for k, v in vae.items())
+
+
+def test_saved_lora_loads_in_stock_pipeline_and_changes_output(tiny_sd, tmp_path):
+    comp = load_components("embedded:tiny-sd15")
+    _train(comp, 5, 1e-2)
+    path = save_unet_lora(comp.unet, tmp_path)
+    assert path.name == LORA_FILE and path.exists()
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a photo of sks robot", num_inference_steps=3, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+
+    before = run()
+    pipe.load_lora_weights(str(tmp_path))
+    after = run()
+    assert abs(after - before).max() > 1e-3
+
+    # The weights that come back are the ones that were trained.
+    trained = {k: v for k, v in comp.unet.state_dict().items() if "lora" in k}
+    reloaded = load_components("embedded:tiny-sd15").unet
+    load_unet_lora(reloaded, tmp_path, adapter_name="default")
+    got = {k: v for k, v in reloaded.state_dict().items() if "lora" in k}
+    assert trained.keys() == got.keys()
+    assert all(torch.equal(trained[k], got[k]) for k in trained)
+    assert not any(p.requires_grad for p in reloaded.parameters())
