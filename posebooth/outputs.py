@@ -8,8 +8,9 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,19 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's ``main``: bad input (``ValueError``, ``OSError``) ends it with the message and exit code 1.
+
+    Those errors are written for users (they name the file or key and what to do), so the traceback is
+    shown only with ``POSEBOOTH_DEBUG=1``.
+    """
+    setup_logging()
+    try:
+        main()
+    except (ValueError, OSError) as err:
+        if os.environ.get("POSEBOOTH_DEBUG"):
+            raise
+        logging.getLogger("posebooth").error("%s: %s", type(err).__name__, err)
+        sys.exit(1)

@@ -30,7 +30,6 @@ def main() -> None:
     ap.add_argument("--prepared", default="data/prepared")
     ap.add_argument("--metrics", default="metrics/evaluate.json")
     args = ap.parse_args()
-    outputs.setup_logging()
     cfg = config.load(["common", "evaluate"])
     c, e = cfg.common, cfg.evaluate
     outputs.seed_everything(c.seed)
@@ -89,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    outputs.run_stage(main)

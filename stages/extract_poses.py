@@ -25,7 +25,6 @@ def main() -> None:
     ap.add_argument("--out", default="data/poses")
     ap.add_argument("--metrics", default="metrics/extract_poses.json")
     args = ap.parse_args()
-    outputs.setup_logging()
     cfg = config.load(["common", "extract_poses"])
     e = cfg.extract_poses
     detector = make_detector(e.detector)
@@ -68,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    outputs.run_stage(main)

@@ -23,7 +23,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="data/class_priors")
     args = ap.parse_args()
-    outputs.setup_logging()
     cfg = config.load(["common", "generate_class_priors"])
     c, g = cfg.common, cfg.generate_class_priors
     outputs.seed_everything(c.seed)
@@ -54,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    outputs.run_stage(main)

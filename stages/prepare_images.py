@@ -21,7 +21,6 @@ def main() -> None:
     ap.add_argument("--out", default="data/prepared")
     ap.add_argument("--metrics", default="metrics/prepare_images.json")
     args = ap.parse_args()
-    outputs.setup_logging()
     cfg = config.load(["common", "prepare_images"])
     p = cfg.prepare_images
 
@@ -44,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    outputs.run_stage(main)

@@ -29,7 +29,6 @@ def main() -> None:
     ap.add_argument("--out", default="samples")
     ap.add_argument("--grid", default="plots/sample_grid.png")
     args = ap.parse_args()
-    outputs.setup_logging()
     cfg = config.load(["common", "sample"])
     c, s = cfg.common, cfg.sample
     outputs.seed_everything(c.seed)
@@ -82,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    outputs.run_stage(main)

@@ -32,7 +32,6 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/train_stage1_appearance.json")
     ap.add_argument("--plots", default="plots/train_stage1_appearance")
     args = ap.parse_args()
-    outputs.setup_logging()
     cfg = config.load(["common", "train"])
     c, t = cfg.common, cfg.train
     generator = outputs.seed_everything(c.seed)
@@ -99,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    outputs.run_stage(main)

@@ -34,7 +34,6 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/train_stage2_pose.json")
     ap.add_argument("--plots", default="plots/train_stage2_pose")
     args = ap.parse_args()
-    outputs.setup_logging()
     cfg = config.load(["common", "train_pose"])
     c, t = cfg.common, cfg.train_pose
     generator = outputs.seed_everything(c.seed)
@@ -98,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    outputs.run_stage(main)

@@ -1,0 +1,88 @@
+"""dvc.yaml and the code agree: params exist, scripts exist, every imported library module is a dep."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posebooth import config
+from tests.conftest import ROOT
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = config.read_yaml(ROOT / "params.yaml")
+STAGES = DVC["stages"]
+EXPECTED = [
+    "prepare_images", "generate_class_priors", "extract_poses", "train_stage1_appearance",
+    "train_stage2_pose", "sample", "evaluate",
+]  # fmt: skip
+
+
+def _library_imports(path: Path) -> set[str]:
+    """``posebooth.*`` modules imported by a file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("posebooth"):
+            if node.module == "posebooth":
+                found |= {f"posebooth.{a.name}" for a in node.names}
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("posebooth.")}
+    return found
+
+
+def _closure(script: Path) -> set[str]:
+    """Library module files a script uses, directly or through other library modules."""
+    todo, seen = list(_library_imports(script)), set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        todo += _library_imports(ROOT / (mod.replace(".", "/") + ".py"))
+    return {mod.replace(".", "/") + ".py" for mod in seen}
+
+
+def _loaded_sections(script: Path) -> set[str]:
+    """Sections named in the script's ``config.load([...])`` call."""
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load":
+            return {elt.value for elt in node.args[0].elts}
+    raise AssertionError(f"{script} never calls config.load")
+
+
+def test_the_seven_stages_in_order():
+    assert list(STAGES) == EXPECTED
+
+
+@pytest.mark.parametrize("stage", EXPECTED)
+def test_stage_contract(stage):
+    spec = STAGES[stage]
+    script = ROOT / "stages" / f"{stage}.py"
+    assert script.exists()
+    assert spec["cmd"] == f"python -m stages.{stage}"
+    deps = set(spec["deps"])
+    assert f"stages/{stage}.py" in deps
+    missing = _closure(script) - deps
+    assert not missing, f"{stage}: library modules used but not listed in deps: {sorted(missing)}"
+    for key in spec["params"]:  # every listed param exists in params.yaml
+        section, _, sub = key.partition(".")
+        assert section in PARAMS and (not sub or sub in PARAMS[section]), f"{stage}: {key} not in params.yaml"
+    listed_sections = {k.partition(".")[0] for k in spec["params"]}
+    assert listed_sections == _loaded_sections(script), f"{stage}: params sections differ from config.load"
+
+
+def test_params_file_has_exactly_the_known_sections():
+    assert set(PARAMS) == set(config.SECTIONS)
+    config.load(config.SECTIONS, ROOT / "params.yaml")
+
+
+def test_metrics_are_uncached_and_committable():
+    for stage, spec in STAGES.items():
+        for entry in spec.get("metrics", []):
+            (path, opts), = entry.items()
+            assert opts == {"cache": False}, stage
+            assert path == f"metrics/{stage}.json"

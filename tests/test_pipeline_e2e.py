@@ -1,0 +1,173 @@
+"""End to end: `dvc repro` of the embedded pipeline in a temporary copy of the repository, offline.
+
+One module-scoped run (the small test profile) is shared by the checks below: every output and metric
+key, a second `dvc repro` that does nothing, and a sampling-only experiment that re-runs only
+`sample` and `evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.profile import apply_profile
+
+pytestmark = pytest.mark.slow
+STAGES = [
+    "prepare_images", "generate_class_priors", "extract_poses", "train_stage1_appearance",
+    "train_stage2_pose", "sample", "evaluate",
+]  # fmt: skip
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` and `dvc` of this venv
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        env.setdefault(var, "posebooth tests")
+    for var in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        env.setdefault(var, "tests@posebooth.invalid")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def copy_repository(dest: Path) -> None:
+    """The working tree as git sees it (tracked and untracked, not ignored files), as a fresh git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A temporary copy of the repository with the test profile, after one `dvc repro`."""
+    dest = tmp_path_factory.mktemp("e2e") / "posebooth"
+    dest.mkdir()
+    copy_repository(dest)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(apply_profile(params), sort_keys=False))
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "test profile"], dest)
+    first = run(["dvc", "repro"], dest)
+    return dest, first
+
+
+def test_repro_runs_every_stage(repo):
+    _, first = repo
+    assert ran_stages(first.stdout) == STAGES
+
+
+def test_every_output(repo):
+    root, _ = repo
+    prepared = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert len(prepared["images"]) == 6 and all((root / "data/prepared/images" / f"{r['name']}.png").exists() for r in prepared["images"])
+    assert len(list((root / "data/prepared/keypoints").glob("*.json"))) == 6
+    priors = json.loads((root / "data/class_priors/manifest.json").read_text())
+    assert len(priors["images"]) == 4 and len({r["seed"] for r in priors["images"]}) == 4
+    report = json.loads((root / "data/poses/report.json").read_text())
+    assert sum(r["used"] for r in report["images"]) == 6
+    assert len(list((root / "data/poses/maps").glob("*.png"))) == 6
+    assert (root / "models/stage1/pytorch_lora_weights.safetensors").stat().st_size > 0
+    assert json.loads((root / "models/stage1/training_config.json").read_text())["params"]["train"]["steps"] == 6
+    assert (root / "models/stage2/controlnet/diffusion_pytorch_model.safetensors").exists()
+    index = json.loads((root / "samples/index.json").read_text())
+    assert len(index["images"]) == 2 * (2 + 1) * 2  # prompts x (poses + pose-free) x seeds
+    assert all((root / "samples" / r["file"]).exists() for r in index["images"])
+    assert (root / "plots/sample_grid.png").stat().st_size > 0
+    loss = (root / "plots/train_stage1_appearance/loss.tsv").read_text().splitlines()
+    assert loss[0] == "step\tloss" and len(loss) == 1 + 6
+    assert not list(root.rglob(".*.tmp-*")), "temporary outputs left behind"
+
+
+def test_every_metric_key(repo):
+    root, _ = repo
+    m = {s: json.loads((root / f"metrics/{s}.json").read_text()) for s in
+         ("prepare_images", "extract_poses", "train_stage1_appearance", "train_stage2_pose", "evaluate")}  # fmt: skip
+    assert m["prepare_images"] == {"images": 6, "skipped": 0, "with_keypoints": 6}
+    assert m["extract_poses"] == {"images": 6, "with_pose": 6, "left_out": 0}
+    for key in ("loss", "instance_loss", "prior_loss", "grad_norm", "step", "steps", "trainable_params"):
+        assert key in m["train_stage1_appearance"], key
+    assert m["train_stage1_appearance"]["prior_loss"] > 0  # prior preservation was on
+    assert {"loss", "grad_norm", "steps", "pairs"} <= set(m["train_stage2_pose"])
+    ev = m["evaluate"]
+    for key in ("dino", "clip_i", "clip_t"):
+        assert -1.0 <= ev[key] <= 1.0, key
+        assert -1.0 <= ev["posed"][key] <= 1.0 and -1.0 <= ev["pose_free"][key] <= 1.0
+    assert ev["lpips_diversity"] >= 0 and ev["n_lpips_pairs"] == 6
+    assert ev["n_images"] == 12 and ev["n_references"] == 6
+    assert ev["stand_in"] is True and all(b["stand_in"] for b in ev["backbones"].values())
+    assert ev["pose_adherence"].startswith("not measured")
+
+
+def test_second_repro_is_a_no_op(repo):
+    root, _ = repo
+    again = run(["dvc", "repro"], root)
+    assert ran_stages(again.stdout) == []
+    assert "Data and pipelines are up to date" in again.stdout
+    status = run(["dvc", "status", "--json"], root)
+    assert json.loads(status.stdout) == {}
+
+
+def test_sampling_knob_reruns_only_sample_and_evaluate(repo):
+    root, _ = repo
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "pipeline outputs"], root)
+    exp = run(["dvc", "exp", "run", "-S", "sample.guidance_scale=3.0"], root)
+    assert ran_stages(exp.stdout) == ["sample", "evaluate"]
+    table = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    assert "3.0" in json.dumps(table) or '"guidance_scale": 3' in json.dumps(table)
+
+
+def test_a_bad_param_stops_a_stage_before_heavy_work(repo, tmp_path):
+    root, _ = repo
+    work = tmp_path / "w"
+    shutil.copytree(root, work, ignore=shutil.ignore_patterns(".dvc", ".git"))
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train"]["lr"] = -1.0
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run([sys.executable, "-m", "stages.train_stage1_appearance"], work, check=False)
+    assert proc.returncode == 1
+    assert "train.lr: -1.0 is out of range; it must be > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_too_few_photos_fail_and_leave_no_output(repo, tmp_path):
+    root, _ = repo
+    work = tmp_path / "w"
+    shutil.copytree(root, work, ignore=shutil.ignore_patterns(".dvc", ".git", "data"))
+    (work / "photos").mkdir()
+    for name in ("robot_01.jpg", "robot_02.jpg"):
+        shutil.copy(ROOT / "data/subject" / name, work / "photos" / name)
+    (work / "photos" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["prepare_images"]["input_dir"] = "photos"
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run([sys.executable, "-m", "stages.prepare_images"], work, check=False)
+    assert proc.returncode != 0
+    assert "only 2 usable photo(s) in photos" in proc.stderr and "broken.jpg" in proc.stderr
+    assert not (work / "data" / "prepared").exists()
