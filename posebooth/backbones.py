@@ -78,8 +78,11 @@ class DinoEmbedder:
 
 def lpips_distance(net: str, device: str = "cpu"):
     """An LPIPS distance (inputs in [-1, 1]); ``random-alex`` uses a random AlexNet and runs offline."""
+    import warnings
+
     import lpips
 
+    warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated.*", category=UserWarning)
     if net == "random-alex":
         torch.manual_seed(0)  # a fixed random backbone, so the stand-in number is reproducible
         model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)

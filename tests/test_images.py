@@ -101,3 +101,21 @@ def test_load_image_converts_to_rgb(tmp_path):
     Image.new("L", (10, 12), 128).save(tmp_path / "g.png")
     loaded = load_image(tmp_path / "g.png")
     assert loaded.image.mode == "RGB" and loaded.stored_size == (10, 12) and loaded.orientation == 1
+
+
+DREAMBENCH = ROOT.parent / "shared" / "dreambench"
+
+
+@pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/dreambench is not beside the project")
+@pytest.mark.parametrize("subject", ["dog", "candle", "backpack"])
+def test_real_photos_from_outside_the_repository(tmp_path, subject):
+    """DreamBench's real JPEGs, read where they are: prepared to size, sources untouched, no sidecars needed."""
+    src = DREAMBENCH / subject
+    before = _sha(src)
+    kept, skipped = prepare_folder(src, 64, 256)
+    assert len(kept) == len(list(src.glob("*.jpg"))) and not skipped
+    assert all(k.image.size == (64, 64) and k.image.mode == "RGB" and k.pose is None for k in kept)
+    assert len({k.record["sha256"] for k in kept}) == len(kept)
+    write_prepared(tmp_path / "out", kept, skipped)
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == len(kept)
+    assert _sha(src) == before

@@ -83,6 +83,6 @@ def test_params_file_has_exactly_the_known_sections():
 def test_metrics_are_uncached_and_committable():
     for stage, spec in STAGES.items():
         for entry in spec.get("metrics", []):
-            (path, opts), = entry.items()
+            ((path, opts),) = entry.items()
             assert opts == {"cache": False}, stage
             assert path == f"metrics/{stage}.json"

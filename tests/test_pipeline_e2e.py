@@ -41,7 +41,9 @@ def _env() -> dict:
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -85,7 +87,9 @@ def test_repro_runs_every_stage(repo):
 def test_every_output(repo):
     root, _ = repo
     prepared = json.loads((root / "data/prepared/manifest.json").read_text())
-    assert len(prepared["images"]) == 6 and all((root / "data/prepared/images" / f"{r['name']}.png").exists() for r in prepared["images"])
+    assert len(prepared["images"]) == 6 and all(
+        (root / "data/prepared/images" / f"{r['name']}.png").exists() for r in prepared["images"]
+    )
     assert len(list((root / "data/prepared/keypoints").glob("*.json"))) == 6
     priors = json.loads((root / "data/class_priors/manifest.json").read_text())
     assert len(priors["images"]) == 4 and len({r["seed"] for r in priors["images"]}) == 4
