@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from posebooth import embedded
+from posebooth import embedded, hub
 
 
 def is_stand_in(ref: str) -> bool:
@@ -19,9 +19,15 @@ def is_stand_in(ref: str) -> bool:
 
 def _load_error(ref: str, err: Exception) -> OSError:
     return OSError(
-        f"cannot load metric backbone {ref!r}: {err}. It comes from the Hugging Face Hub: download it on a "
-        f"connected machine (`hf download {ref}`) or name a local folder in params.yaml (evaluate.*)."
+        f"cannot load metric backbone {ref!r}: {err}. It comes from the Hugging Face Hub: {hub.how_to_get(ref)}"
     )
+
+
+def _require(ref: str) -> str:
+    """The local path of ``ref``; a hub id not on this machine fails at once when the Hub is unreachable."""
+    if not embedded.is_embedded(ref):
+        hub.require(ref, "config.json", "metric backbone")
+    return embedded.resolve(ref)
 
 
 def _features(out) -> torch.Tensor:
@@ -35,7 +41,7 @@ class ClipEmbedder:
     def __init__(self, ref: str, device: str = "cpu"):
         from transformers import CLIPModel, CLIPProcessor
 
-        path = embedded.resolve(ref)
+        path = _require(ref)
         try:
             self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval().to(device)
             self.processor = CLIPProcessor.from_pretrained(path)
@@ -62,7 +68,7 @@ class DinoEmbedder:
     def __init__(self, ref: str, device: str = "cpu"):
         from transformers import AutoImageProcessor, ViTModel
 
-        path = embedded.resolve(ref)
+        path = _require(ref)
         try:
             self.model = ViTModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True).eval().to(device)
             self.processor = AutoImageProcessor.from_pretrained(path)

@@ -53,6 +53,7 @@ class Common:
     class_prompt: str  # template with {class_noun}
     seed: int = _nonneg()
     device: Literal["cpu", "cuda", "mps"]
+    precision: Literal["fp32", "fp16", "bf16"]  # of the frozen weights and the forward pass; trained weights stay fp32
 
 
 @dataclass(frozen=True)
@@ -60,20 +61,26 @@ class PrepareImages:
     input_dir: str
     min_images: int = _rng(1)
     min_source_size: int = _rng(1)
+    crop: Literal["centre", "face", "pad"]  # face: square centred on the largest face (centre if none)
+    pad_color: list[int]  # RGB of the padding with crop: pad
 
 
 @dataclass(frozen=True)
 class GenerateClassPriors:
+    source: Literal["generate", "folder"]  # folder: use the user's class photos in class_dir instead
+    class_dir: str
     num_class_images: int = _nonneg()
     batch_size: int = _rng(1)
     steps: int = _rng(1)
     guidance_scale: float = _nonneg()
     scheduler: Literal[SCHEDULERS]
+    negative_prompt: str
 
 
 @dataclass(frozen=True)
 class ExtractPoses:
-    detector: Literal["sidecar"]
+    detector: Literal["sidecar", "openpose"]
+    openpose_weights: str  # hub id or local folder with body_pose_model.pth (detector: openpose)
     min_keypoints: int = _rng(1, 18)
     render_size: int = _rng(64, 4096)
 
@@ -102,6 +109,7 @@ class TrainPose:
     lr: float = _positive()
     batch_size: int = _rng(1)
     empty_prompt_prob: float = _prob()
+    prior_loss_weight: float = _nonneg()  # class (image, pose) pairs, when class images have poses
     max_grad_norm: float = _positive()
 
 
@@ -114,7 +122,9 @@ class Sample:
     guidance_scale: float = _nonneg()
     conditioning_scale: float = _nonneg()
     scheduler: Literal[SCHEDULERS]
+    negative_prompt: str
     pose_free: bool
+    cpu_offload: bool  # accelerate's model CPU offload for small GPUs (cuda only)
 
 
 @dataclass(frozen=True)
@@ -248,6 +258,11 @@ def load(sections: typing.Iterable[str], path: str | Path = "params.yaml") -> Co
 def _cross_checks(cfg: Config) -> None:
     c = cfg.common
     if c is not None:
+        if c.precision == "fp16" and c.device == "cpu":
+            raise ConfigError(
+                "common.precision: fp16 is not supported on cpu (accelerate silently turns it off there); "
+                "use bf16 or fp32 on cpu, fp16 on cuda"
+            )
         if not re.fullmatch(r"\S+", c.identifier):
             raise ConfigError(f"common.identifier: {c.identifier!r} must be one word without spaces, e.g. 'sks'")
         if "{identifier}" not in c.instance_prompt:
@@ -260,6 +275,12 @@ def _cross_checks(cfg: Config) -> None:
             )
         _check_template("common.instance_prompt", c.instance_prompt)
         _check_template("common.class_prompt", c.class_prompt)
+    if cfg.prepare_images is not None:
+        color = cfg.prepare_images.pad_color
+        if len(color) != 3 or not all(0 <= v <= 255 for v in color):
+            raise ConfigError(f"prepare_images.pad_color: {color!r} must be three integers in [0, 255] (R, G, B)")
+    if cfg.sample is not None and cfg.common is not None and cfg.sample.cpu_offload and cfg.common.device != "cuda":
+        raise ConfigError("sample.cpu_offload: needs common.device: cuda (it moves models between GPU and CPU)")
     if cfg.sample is not None:
         for i, p in enumerate(cfg.sample.prompts):
             _check_template(f"sample.prompts[{i}]", p)

@@ -46,13 +46,18 @@ def pose_map_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def pose_pairs(
-    prepared: str | Path, poses: str | Path, resolution: int
+    poses: str | Path, image_dirs: dict[str, str | Path], resolution: int, kind: str
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(names, images (N, 3, R, R) in [-1, 1], pose maps (N, 3, R, R) in [0, 1]) for images with a usable pose."""
-    prepared, poses = Path(prepared), Path(poses)
-    names = [r["name"] for r in read_json(poses / "report.json")["images"] if r["used"]]
+    """Images with a usable pose of ``kind`` ("instance" or "class"), from ``image_dirs[kind]/images``.
+
+    Returns (names, images (N, 3, R, R) in [-1, 1], pose maps (N, 3, R, R) in [0, 1]); N may be 0.
+    """
+    poses = Path(poses)
+    names = [r["name"] for r in read_json(poses / "report.json")["images"] if r["used"] and r["kind"] == kind]
     if not names:
-        raise ValueError(f"{poses}/report.json: no image has a usable pose; see the extract_poses stage")
-    images = torch.stack([to_tensor(_read_rgb(prepared / "images" / f"{n}.png", resolution)) for n in names])
+        empty = torch.empty(0, 3, resolution, resolution)
+        return [], empty, empty.clone()
+    folder = Path(image_dirs[kind]) / "images"
+    images = torch.stack([to_tensor(_read_rgb(folder / f"{n}.png", resolution)) for n in names])
     maps = torch.stack([pose_map_tensor(_read_rgb(poses / "maps" / f"{n}.png", resolution)) for n in names])
     return names, images, maps

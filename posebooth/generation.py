@@ -23,6 +23,7 @@ def generate(
     steps: int,
     guidance_scale: float,
     resolution: int,
+    negative_prompt: str = "",
     control_image: Image.Image | None = None,
     conditioning_scale: float = 1.0,
 ) -> list[Image.Image]:
@@ -33,6 +34,7 @@ def generate(
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     kwargs = dict(
         prompt=[prompt] * len(seeds),
+        negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         height=resolution,

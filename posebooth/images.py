@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".heic", ".heif"}
 EXIF_ORIENTATION = 0x0112
 
 
@@ -39,8 +39,17 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _register_heif() -> None:
+    """Let PIL open HEIC/HEIF (iPhone photos) through pillow-heif."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
 def load_image(path: Path) -> LoadedImage:
     """Open ``path``, apply its EXIF orientation and convert to RGB; ``ImageError`` if unreadable."""
+    if path.suffix.lower() in (".heic", ".heif"):
+        _register_heif()
     try:
         with Image.open(path) as im:
             im.load()
@@ -81,9 +90,21 @@ def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def crop_resize(image: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
-    """Crop ``box`` and resize to ``size`` x ``size`` (Lanczos)."""
-    return image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+def pad_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The centred square that holds the whole image (it reaches outside the image: padding)."""
+    side = max(width, height)
+    left, top = -((side - width) // 2), -((side - height) // 2)
+    return left, top, left + side, top + side
+
+
+def crop_resize(
+    image: Image.Image, box: tuple[int, int, int, int], size: int, fill: tuple[int, int, int] = (0, 0, 0)
+) -> Image.Image:
+    """Crop ``box`` (which may reach outside the image; that part is ``fill``) and resize to ``size`` (Lanczos)."""
+    left, top, right, bottom = box
+    canvas = Image.new("RGB", (right - left, bottom - top), tuple(fill))
+    canvas.paste(image, (-left, -top))
+    return canvas.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def pixel_hash(image: Image.Image) -> str:

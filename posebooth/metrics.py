@@ -45,3 +45,39 @@ def mean_pairwise_lpips(groups: list[torch.Tensor], distance) -> tuple[float | N
     with torch.no_grad():
         d = distance(torch.stack(firsts), torch.stack(seconds))
     return d.flatten().mean().item(), len(firsts)
+
+
+def scale_pose_keypoints(keypoints, from_size: tuple[int, int], to_size: tuple[int, int]):
+    """(18, 3) keypoints on a ``from_size`` canvas moved to a ``to_size`` canvas (confidence kept)."""
+    import numpy as np
+
+    kp = np.array(keypoints, dtype=np.float64)
+    kp[:, 0] *= to_size[0] / from_size[0]
+    kp[:, 1] *= to_size[1] / from_size[1]
+    return kp
+
+
+def pck(predicted, target, alpha: float) -> float | None:
+    """Percentage of Correct Keypoints: the share of the target's visible keypoints that the prediction has
+    within ``alpha`` x the longer side of the target's keypoint bounding box (HumanSD-style pose adherence).
+
+    ``predicted`` and ``target`` are (18, 3) arrays (x, y, confidence; confidence 0 = absent) on the same
+    canvas; ``predicted`` may be ``None`` (no detection: every keypoint is missed). ``None`` when the target
+    has fewer than two visible keypoints (no scale to measure against).
+    """
+    import numpy as np
+
+    target = np.asarray(target, dtype=np.float64)
+    vis = target[:, 2] > 0
+    if vis.sum() < 2:
+        return None
+    if predicted is None:
+        return 0.0
+    predicted = np.asarray(predicted, dtype=np.float64)
+    xy = target[vis, :2]
+    scale = max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1]))
+    if scale <= 0:
+        return None
+    dist = np.linalg.norm(predicted[vis, :2] - xy, axis=1)
+    hit = (predicted[vis, 2] > 0) & (dist <= alpha * scale)
+    return float(hit.mean())

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posebooth import embedded
+from posebooth import embedded, hub
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,21 @@ class Components:
 
 def _offline_hint(ref: str, err: Exception) -> OSError:
     return OSError(
-        f"cannot load model {ref!r}: {err}. If it is a hub id, this machine needs the network or a local copy "
-        f"(`hf download {ref}` on a connected machine, then point params.yaml at the folder); "
-        "'embedded:tiny-sd15' runs offline."
+        f"cannot load model {ref!r}: {err}. If it is a hub id, {hub.how_to_get(ref)}; 'embedded:tiny-sd15' runs offline."
     )
 
 
-def load_components(ref: str, device: str = "cpu") -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler of ``ref``."""
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_components(ref: str, device: str = "cpu", precision: str = "fp32") -> Components:
+    """Load tokenizer, text encoder, VAE, UNet (frozen, in ``precision``) and the training noise scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = embedded.resolve(ref)
+    if not embedded.is_embedded(ref):
+        hub.require(path, "unet/config.json", "base model")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
@@ -53,20 +56,24 @@ def load_components(ref: str, device: str = "cpu") -> Components:
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False)
         m.eval()
-        m.to(device)
+        m.to(device, DTYPES[precision])
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, ref)
 
 
-def load_controlnet(ref: str, unet=None, device: str = "cpu"):
+def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "fp32"):
     """A ControlNet from ``ref`` or, for ``"from_unet"``, initialised from ``unet`` (which must carry no LoRA)."""
     from diffusers import ControlNetModel
 
     if ref == "from_unet":
         if unet is None:
             raise ValueError("train_pose.controlnet: 'from_unet' needs the base UNet")
-        return ControlNetModel.from_unet(unet).to(device)
+        return ControlNetModel.from_unet(unet).to(device, DTYPES[precision])
+    if not embedded.is_embedded(ref):
+        hub.require(ref, "config.json", "ControlNet")
     try:
-        return ControlNetModel.from_pretrained(embedded.resolve(ref), use_safetensors=True).to(device)
+        return ControlNetModel.from_pretrained(embedded.resolve(ref), use_safetensors=True).to(
+            device, DTYPES[precision]
+        )
     except OSError as err:
         raise _offline_hint(ref, err) from err
 
@@ -126,3 +133,20 @@ def sd_pipeline(comp: Components, scheduler_name: str, controlnet=None):
         pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def trained_pipelines(
+    comp: Components, stage1: str, stage2: str, scheduler: str, device: str, precision: str, cpu_offload: bool
+):
+    """``(posed, free)``: a ControlNet pipeline with the stage-2 ControlNet and a plain one, sharing the UNet
+    that carries the stage-1 LoRA (loaded the stock diffusers way, ``load_lora_weights``)."""
+    from pathlib import Path
+
+    controlnet = load_controlnet(str(Path(stage2) / "controlnet"), device=device, precision=precision)
+    posed = sd_pipeline(comp, scheduler, controlnet)
+    posed.load_lora_weights(stage1)  # the LoRA goes into the UNet that both pipelines share
+    free = sd_pipeline(comp, scheduler)
+    if cpu_offload:  # small GPUs: each model visits the GPU only while it runs
+        posed.enable_model_cpu_offload()
+        free.enable_model_cpu_offload()
+    return posed, free

@@ -15,7 +15,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -137,32 +136,3 @@ def _controlnet_aux_drawing():
         from controlnet_aux.open_pose.body import Keypoint
         from controlnet_aux.open_pose.util import draw_bodypose
     return draw_bodypose, Keypoint
-
-
-class Detector(Protocol):
-    """Finds the pose in a prepared image; ``None`` when it finds none."""
-
-    name: str
-
-    def detect(self, image: Image.Image, keypoints_path: Path | None) -> Pose | None: ...
-
-
-class SidecarDetector:
-    """Hand-annotated keypoints: the sidecar JSON that ``prepare_images`` mapped into the prepared image."""
-
-    name = "sidecar"
-
-    def detect(self, image: Image.Image, keypoints_path: Path | None) -> Pose | None:
-        if keypoints_path is None or not keypoints_path.exists():
-            return None
-        pose = load_pose(keypoints_path)
-        if (pose.width, pose.height) != image.size:
-            raise PoseError(f"{keypoints_path}: canvas {pose.width}x{pose.height} != image {image.size}")
-        return pose
-
-
-def make_detector(name: str) -> Detector:
-    """The detector called ``name`` in params (``extract_poses.detector``)."""
-    if name == "sidecar":
-        return SidecarDetector()
-    raise ValueError(f"extract_poses.detector: unknown detector {name!r}; available: ['sidecar']")

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from posebooth import outputs
+from posebooth.faces import detect_faces, face_crop_box
 from posebooth.images import (
     ImageError,
     centre_crop_box,
@@ -19,6 +20,7 @@ from posebooth.images import (
     list_images,
     load_image,
     orient_points,
+    pad_box,
     pixel_hash,
 )
 from posebooth.poses import Pose, crop_scale_pose, load_pose, map_pose
@@ -47,8 +49,28 @@ def _safe_stem(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "image"
 
 
+def choose_box(image: Image.Image, crop: str) -> tuple[tuple[int, int, int, int], str, list | None]:
+    """The square to cut from ``image``: ``(box, how, face)``; ``how`` says what happened, for the manifest."""
+    w, h = image.size
+    if crop == "pad":
+        return pad_box(w, h), "pad", None
+    if crop == "face":
+        faces = detect_faces(image)
+        if faces:
+            how = "face" if len(faces) == 1 else f"face (largest of {len(faces)})"
+            return face_crop_box((w, h), faces[0]), how, list(faces[0])
+        return centre_crop_box(w, h), "centre (no face found)", None
+    if crop == "centre":
+        return centre_crop_box(w, h), "centre", None
+    raise ValueError(f"prepare_images.crop: unknown crop {crop!r}; choose centre, face or pad")
+
+
 def prepare_folder(
-    input_dir: str | Path, resolution: int, min_source_size: int
+    input_dir: str | Path,
+    resolution: int,
+    min_source_size: int,
+    crop: str = "centre",
+    pad_color: tuple[int, int, int] = (0, 0, 0),
 ) -> tuple[list[Prepared], list[Skipped]]:
     """Prepare every image in ``input_dir``; unusable ones are skipped with a reason naming the problem."""
     folder = Path(input_dir)
@@ -76,7 +98,9 @@ def prepare_folder(
             skipped.append(Skipped(path, f"duplicate of {seen[digest].name}"))
             continue
         seen[digest] = path
-        box = centre_crop_box(w, h)
+        box, how, face = choose_box(loaded.image, crop)
+        if how.startswith("centre (no face"):
+            log.warning("%s: no face found, centre crop instead", path)
         pose = None
         sidecar = path.with_suffix(".json")
         if sidecar.exists():
@@ -98,11 +122,13 @@ def prepare_folder(
             "source_size": list(loaded.stored_size),
             "exif_orientation": loaded.orientation,
             "oriented_size": [w, h],
+            "crop": how,
             "crop_box": list(box),
+            "face_box": face,
             "resolution": resolution,
             "keypoints": pose is not None,
         }
-        kept.append(Prepared(name, path, crop_resize(loaded.image, box, resolution), pose, record))
+        kept.append(Prepared(name, path, crop_resize(loaded.image, box, resolution, tuple(pad_color)), pose, record))
     return kept, skipped
 
 

@@ -17,6 +17,12 @@ def sample_indices(n: int, batch_size: int, generator: torch.Generator) -> torch
     return torch.randint(0, n, (batch_size,), generator=generator)
 
 
+def autocast(device: str, precision: str):
+    """Mixed precision for the forward pass: frozen weights run in ``precision``, trained ones stay fp32."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW as in diffusers' DreamBooth and ControlNet scripts."""
     params = list(params)

@@ -1,10 +1,13 @@
 """evaluate: the DreamBooth paper's DINO, CLIP-I and CLIP-T, and LPIPS diversity, on the samples.
 
-Reads:  params common.identifier, common.device, evaluate.*; samples/ (index.json, images), data/prepared.
+Reads:  params common.identifier, common.seed, common.device, evaluate.*, extract_poses.detector and
+        extract_poses.openpose_weights; samples/ (index.json, images), data/prepared, the target pose files.
 Writes: metrics/evaluate.json (cache: false, committed, so `dvc metrics diff` compares experiments).
 DINO and CLIP-I compare every generated image with every prepared reference photo; CLIP-T compares each
-image with its prompt, the identifier removed (the paper's text fidelity). Every number states how many
-images it rests on and whether its backbone is a stand-in (a random network that measures nothing).
+image with its prompt, the identifier removed (the paper's text fidelity). Pose adherence: the pose is
+detected again on each posed sample with the extract_poses detector and compared with its target
+(PCK@0.2); the sidecar detector cannot read generated images, so it is then "not measured".
+Every number states how many images it rests on and whether its backbone is a stand-in.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from PIL import Image
 
 from posebooth import config, data, outputs
 from posebooth.backbones import ClipEmbedder, DinoEmbedder, is_stand_in, lpips_distance
+from posebooth.detectors import make_detector
 from posebooth.images import to_tensor
-from posebooth.metrics import mean_matched_cosine, mean_pairwise_cosine, mean_pairwise_lpips
+from posebooth.metrics import mean_matched_cosine, mean_pairwise_cosine, mean_pairwise_lpips, pck, scale_pose_keypoints
+from posebooth.poses import load_pose
 
 log = logging.getLogger("evaluate")
 
@@ -30,7 +35,7 @@ def main() -> None:
     ap.add_argument("--prepared", default="data/prepared")
     ap.add_argument("--metrics", default="metrics/evaluate.json")
     args = ap.parse_args()
-    cfg = config.load(["common", "evaluate"])
+    cfg = config.load(["common", "evaluate", "extract_poses"])
     c, e = cfg.common, cfg.evaluate
     outputs.seed_everything(c.seed)
 
@@ -78,13 +83,37 @@ def main() -> None:
         "lpips": {"model": e.lpips_net, "stand_in": is_stand_in(e.lpips_net)},
     }
     result["stand_in"] = any(b["stand_in"] for b in result["backbones"].values())
-    # Sidecar keypoints exist only for the training photos: no detector can read the generated images.
-    result["pose_adherence"] = "not measured: the sidecar detector cannot detect poses on generated images"
+    result["pose_adherence"] = pose_adherence(cfg.extract_poses, [(generated[i], entries[i]) for i in posed])
     if result["stand_in"]:
         log.warning("stand-in backbones in use: these numbers test the pipeline and measure nothing")
     outputs.write_json(args.metrics, result)
     log.info("DINO %.3f  CLIP-I %.3f  CLIP-T %.3f  LPIPS-div %s over %d images",
              result["dino"], result["clip_i"], result["clip_t"], result["lpips_diversity"], len(entries))  # fmt: skip
+
+
+def pose_adherence(ep, posed: list) -> dict | str:
+    """PCK@0.2 of the pose detected again on each posed sample against its target, and the detection rate."""
+    if not posed:
+        return "not measured: no posed samples"
+    if ep.detector == "sidecar":
+        # Sidecar keypoints exist only for the training photos: nothing can read the generated images.
+        return "not measured: the sidecar detector cannot detect poses on generated images"
+    detector = make_detector(ep.detector, ep.openpose_weights)
+    scores, detected = [], 0
+    for image, entry in posed:
+        target = load_pose(Path(entry["pose_file"]))
+        found = detector.detect(image)
+        detected += found is not None
+        score = pck(None if found is None else found.keypoints,
+                    scale_pose_keypoints(target.keypoints, (target.width, target.height), image.size), 0.2)  # fmt: skip
+        if score is not None:
+            scores.append(score)
+    return {
+        "detector": ep.detector,
+        "pck_0.2": round(sum(scores) / len(scores), 6) if scores else None,
+        "detection_rate": round(detected / len(posed), 6),
+        "n_images": len(posed),
+    }
 
 
 if __name__ == "__main__":

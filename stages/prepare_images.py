@@ -24,11 +24,11 @@ def main() -> None:
     cfg = config.load(["common", "prepare_images"])
     p = cfg.prepare_images
 
-    kept, skipped = prepare_folder(p.input_dir, cfg.common.resolution, p.min_source_size)
+    kept, skipped = prepare_folder(p.input_dir, cfg.common.resolution, p.min_source_size, p.crop, tuple(p.pad_color))
     for s in skipped:
         log.warning("skipped %s: %s", s.source, s.reason)
     if len(kept) < p.min_images:
-        raise SystemExit(
+        raise ValueError(
             f"prepare_images: only {len(kept)} usable photo(s) in {p.input_dir} (prepare_images.min_images is "
             f"{p.min_images}); add photos or lower the minimum. Skipped: "
             + ("; ".join(f"{s.source}: {s.reason}" for s in skipped) or "none")
@@ -37,7 +37,12 @@ def main() -> None:
         write_prepared(tmp, kept, skipped)
     outputs.write_json(
         args.metrics,
-        {"images": len(kept), "skipped": len(skipped), "with_keypoints": sum(k.pose is not None for k in kept)},
+        {
+            "images": len(kept),
+            "skipped": len(skipped),
+            "with_keypoints": sum(k.pose is not None for k in kept),
+            "face_crops": sum(k.record["crop"].startswith("face") for k in kept),
+        },
     )
     log.info("prepared %d image(s), skipped %d, into %s", len(kept), len(skipped), args.out)
 

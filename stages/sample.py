@@ -16,7 +16,7 @@ from tqdm import tqdm
 from posebooth import config, outputs
 from posebooth.generation import generate
 from posebooth.grid import contact_sheet
-from posebooth.models import load_components, load_controlnet, sd_pipeline
+from posebooth.models import load_components, trained_pipelines
 from posebooth.poses import load_pose, render_pose
 
 log = logging.getLogger("sample")
@@ -34,11 +34,8 @@ def main() -> None:
     outputs.seed_everything(c.seed)
     poses = {Path(p).stem: load_pose(Path(p)) for p in s.poses}  # validated before any model loads
 
-    comp = load_components(c.model, c.device)
-    controlnet = load_controlnet(str(Path(args.stage2) / "controlnet"), device=c.device)
-    posed = sd_pipeline(comp, s.scheduler, controlnet)
-    posed.load_lora_weights(args.stage1)  # the stock diffusers way: the LoRA sits in the shared UNet
-    free = sd_pipeline(comp, s.scheduler)  # same UNet (with the LoRA), no ControlNet
+    comp = load_components(c.model, c.device, c.precision)
+    posed, free = trained_pipelines(comp, args.stage1, args.stage2, s.scheduler, c.device, c.precision, s.cpu_offload)
 
     jobs = [(p, None) for p in s.prompts] if s.pose_free else []
     jobs += [(p, name) for p in s.prompts for name in poses]
@@ -51,28 +48,29 @@ def main() -> None:
             image.save(tmp / "poses" / f"{name}.png")
         for j, (template, pose_name) in enumerate(tqdm(jobs, desc="sample", unit="row")):
             prompt = config.fill(template, c)
-            common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution)
+            common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution,
+                          negative_prompt=s.negative_prompt)  # fmt: skip
             if pose_name is None:
                 images = generate(free, prompt, s.seeds, **common)
             else:
                 images = generate(posed, prompt, s.seeds, control_image=pose_maps[pose_name],
                                   conditioning_scale=s.conditioning_scale, **common)  # fmt: skip
-            for seed, image in zip(s.seeds, images, strict=False):
+            for seed, image in zip(s.seeds, images, strict=True):
                 file = f"images/{j:03d}_{pose_name or 'free'}_s{seed}.png"
                 image.save(tmp / file)
                 index.append({
-                    "file": file, "prompt": prompt, "prompt_template": template, "pose": pose_name, "seed": seed,
-                    "steps": s.steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
+                    "file": file, "prompt": prompt, "prompt_template": template, "negative_prompt": s.negative_prompt,
+                    "pose": pose_name, "pose_file": s.poses[list(poses).index(pose_name)] if pose_name else None,
+                    "seed": seed, "steps": s.steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
                     "conditioning_scale": s.conditioning_scale if pose_name else None,
                 })  # fmt: skip
-            thumbs = [pose_maps[pose_name] if pose_name else None] + images
-            rows.append((f"{prompt} | {'pose: ' + pose_name if pose_name else 'no pose'}", thumbs))
+            rows.append((f"{prompt} | {'pose: ' + pose_name if pose_name else 'no pose'}",
+                         [pose_maps[pose_name] if pose_name else None, *images]))  # fmt: skip
         outputs.write_json(tmp / "index.json", {
             "base_model": c.model, "stage1": args.stage1, "stage2": args.stage2, "identifier": c.identifier,
             "class_noun": c.class_noun, "resolution": c.resolution, "images": index,
         })  # fmt: skip
-    header = ["target pose"] + [f"seed {x}" for x in s.seeds]
-    sheet = contact_sheet(rows, header)
+    sheet = contact_sheet(rows, ["target pose"] + [f"seed {x}" for x in s.seeds])
     Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
     tmp_grid = Path(args.grid).with_suffix(".tmp.png")
     sheet.save(tmp_grid)

@@ -1,7 +1,7 @@
 """train_stage1_appearance: DreamBooth LoRA on the UNet with the class prior-preservation loss.
 
 Reads:  params common.*, train.*; data/prepared (instance images), data/class_priors (class images).
-Writes: models/stage1/ (pytorch_lora_weights.safetensors, training_config.json),
+Writes: models/stage1/ (pytorch_lora_weights.safetensors, provenance.json, README.md model card),
         metrics/train_stage1_appearance.json, plots/train_stage1_appearance/ (loss per step).
 Loss (Ruiz et al. 2022): mse(ε̂(x_t, c_inst), ε) + λ · mse(ε̂(x'_t, c_class), ε'), one batch of 2B.
 """
@@ -15,11 +15,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import config, data, outputs
+from posebooth import config, data, outputs, provenance
 from posebooth.diffusion import add_noise, diffusion_target, prior_preservation_loss
 from posebooth.lora import add_unet_lora, save_unet_lora
 from posebooth.models import encode_images, encode_prompts, load_components
-from posebooth.training import StepLog, make_optimizer, sample_indices
+from posebooth.training import StepLog, autocast, make_optimizer, sample_indices
 
 log = logging.getLogger("train_stage1_appearance")
 
@@ -40,12 +40,12 @@ def main() -> None:
     class_pixels = data.class_images(args.class_priors, c.resolution)  # (M, 3, R, R), M may be 0
     with_prior = t.prior_loss_weight > 0
     if with_prior and len(class_pixels) == 0:
-        raise SystemExit(
+        raise ValueError(
             "train.prior_loss_weight > 0 but data/class_priors holds no images: "
             "set generate_class_priors.num_class_images >= 1, or train.prior_loss_weight: 0"
         )
 
-    comp = load_components(c.model, c.device)
+    comp = load_components(c.model, c.device, c.precision)
     unet, scheduler = comp.unet, comp.noise_scheduler
     # The VAE and text encoder are frozen and there is no augmentation: encode once, not every step.
     instance_latents = encode_images(comp.vae, instance_pixels)  # (N, 4, R/8, R/8)
@@ -70,7 +70,8 @@ def main() -> None:
                 latents = torch.cat([latents, class_latents[cidx]])
                 encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(t.batch_size, -1, -1)])
             noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator)
-            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            with autocast(c.device, c.precision):
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
             loss, instance_loss, prior_loss = prior_preservation_loss(
                 model_pred, target, t.prior_loss_weight, with_prior
@@ -83,13 +84,14 @@ def main() -> None:
             steplog.log(loss=loss.item(), instance_loss=instance_loss.item(), prior_loss=prior_loss.item(),
                         grad_norm=grad_norm.item())  # fmt: skip
         if not torch.isfinite(loss):
-            raise SystemExit(f"stage 1 diverged: final loss {loss.item()}; lower train.lr ({t.lr})")
+            raise ValueError(f"stage 1 diverged: final loss {loss.item()}; lower train.lr ({t.lr})")
         steplog.summary(steps=t.steps, trainable_params=sum(p.numel() for p in params))
         with outputs.atomic_dir(args.out) as tmp:
             save_unet_lora(unet, tmp)
-            outputs.write_json(tmp / "training_config.json", {
-                "base_model": c.model, "method": "lora", "trigger": prompts[0], "params": cfg.as_dict(),
-            })  # fmt: skip
+            outputs.write_json(tmp / "provenance.json", provenance.provenance(
+                cfg.as_dict(), base_model=c.model, method="lora", trigger=prompts[0],
+            ))  # fmt: skip
+            (tmp / "README.md").write_text(provenance.stage1_card(c.model, prompts[0]))
         steplog.close()
     except BaseException:
         steplog.abort()

@@ -1,9 +1,11 @@
 """train_stage2_pose: the OpenPose ControlNet on the subject's own (image, pose map) pairs.
 
 MagicPose-style two-stage schedule: the identity learnt in stage 1 (UNet LoRA) and the text encoder
-stay frozen; only the ControlNet learns to steer that identity into a pose.
-Reads:  params common.*, train_pose.*; data/prepared, data/poses, models/stage1.
-Writes: models/stage2/ (controlnet/ via save_pretrained, training_config.json),
+stay frozen; only the ControlNet learns to steer that identity into a pose. When the class images have
+poses too, (class image, its pose, class prompt) pairs add a prior-preservation term weighted by
+``train_pose.prior_loss_weight``, so the ControlNet keeps working for the class, not only the subject.
+Reads:  params common.*, train_pose.*; data/prepared, data/class_priors, data/poses, models/stage1.
+Writes: models/stage2/ (controlnet/ via save_pretrained, provenance.json, README.md model card),
         metrics/train_stage2_pose.json, plots/train_stage2_pose/ (loss per step).
 """
 
@@ -16,11 +18,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import config, data, outputs
+from posebooth import config, data, outputs, provenance
 from posebooth.diffusion import add_noise, diffusion_target, prior_preservation_loss
 from posebooth.lora import load_unet_lora
 from posebooth.models import encode_images, encode_prompts, load_components, load_controlnet
-from posebooth.training import StepLog, make_optimizer, sample_indices
+from posebooth.training import StepLog, autocast, make_optimizer, sample_indices
 
 log = logging.getLogger("train_stage2_pose")
 
@@ -28,6 +30,7 @@ log = logging.getLogger("train_stage2_pose")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prepared", default="data/prepared")
+    ap.add_argument("--class-priors", default="data/class_priors")
     ap.add_argument("--poses", default="data/poses")
     ap.add_argument("--stage1", default="models/stage1")
     ap.add_argument("--out", default="models/stage2")
@@ -38,17 +41,30 @@ def main() -> None:
     c, t = cfg.common, cfg.train_pose
     generator = outputs.seed_everything(c.seed)
 
-    names, pixels, controlnet_cond = data.pose_pairs(args.prepared, args.poses, c.resolution)  # [-1,1], [0,1]
-    comp = load_components(c.model, c.device)
+    dirs = {"instance": args.prepared, "class": args.class_priors}
+    names, pixels, conds = data.pose_pairs(args.poses, dirs, c.resolution, "instance")  # [-1, 1], [0, 1]
+    if not names:
+        raise ValueError(f"{args.poses}/report.json: no instance image has a usable pose; see extract_poses")
+    class_names, class_pixels, class_conds = data.pose_pairs(args.poses, dirs, c.resolution, "class")
+    with_prior = t.prior_loss_weight > 0 and len(class_names) > 0
+    if not with_prior:
+        log.info(
+            "training on instance pairs only (%s)",
+            "no class image has a pose" if not class_names else "prior_loss_weight is 0",
+        )
+
+    comp = load_components(c.model, c.device, c.precision)
     unet, scheduler = comp.unet, comp.noise_scheduler
-    # The ControlNet first: from_unet fails on a UNet that already carries a PEFT LoRA.
+    # The ControlNet first: from_unet fails on a UNet that already carries a PEFT LoRA. It trains in fp32.
     controlnet = load_controlnet(t.controlnet, unet, c.device)
     load_unet_lora(unet, args.stage1)  # the stage-1 identity, frozen
     latents_all = encode_images(comp.vae, pixels)  # (N, 4, R/8, R/8), encoded once (frozen VAE)
-    prompt = config.fill(c.instance_prompt, c)
-    instance_emb, empty_emb = encode_prompts(comp.tokenizer, comp.text_encoder, [prompt, ""]).chunk(2)
-    controlnet_cond = controlnet_cond.to(c.device)
-    log.info("%d (image, pose) pairs; prompt %r, dropped with p=%.2f", len(names), prompt, t.empty_prompt_prob)
+    class_latents = encode_images(comp.vae, class_pixels) if with_prior else None
+    prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c), ""]
+    instance_emb, class_emb, empty_emb = encode_prompts(comp.tokenizer, comp.text_encoder, prompts).chunk(3)
+    conds, class_conds = conds.to(c.device), class_conds.to(c.device)
+    log.info("%d instance and %d class (image, pose) pairs; prompt %r dropped with p=%.2f",
+             len(names), len(class_names) if with_prior else 0, prompts[0], t.empty_prompt_prob)  # fmt: skip
 
     controlnet.requires_grad_(True)
     controlnet.train()
@@ -56,39 +72,51 @@ def main() -> None:
     optimizer = make_optimizer(params, t.lr, weight_decay=0.0)
     steplog = StepLog(args.metrics, args.plots)
     start = time.perf_counter()
+    b = t.batch_size
     try:
         for _step in tqdm(range(t.steps), desc="stage 2", unit="step"):
-            idx = sample_indices(len(latents_all), t.batch_size, generator)
-            latents = latents_all[idx]  # (B, 4, h, w)
+            idx = sample_indices(len(latents_all), b, generator)
+            latents, controlnet_cond = latents_all[idx], conds[idx]  # (B, 4, h, w), (B, 3, R, R)
+            encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
+            if with_prior:  # instance half first, then (class image, its pose, class prompt): (2B, ...)
+                cidx = sample_indices(len(class_latents), b, generator)
+                latents = torch.cat([latents, class_latents[cidx]])
+                controlnet_cond = torch.cat([controlnet_cond, class_conds[cidx]])
+                encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
             # Empty-prompt dropout (diffusers' train_controlnet): the pose alone must carry the layout.
-            drop = (torch.rand(t.batch_size, generator=generator) < t.empty_prompt_prob).view(-1, 1, 1)
-            encoder_hidden_states = torch.where(drop, empty_emb, instance_emb)  # (B, 77, D)
+            drop = (torch.rand(len(latents), generator=generator) < t.empty_prompt_prob).view(-1, 1, 1)
+            encoder_hidden_states = torch.where(drop, empty_emb, encoder_hidden_states)
             noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator)
-            down_res, mid_res = controlnet(
-                noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                controlnet_cond=controlnet_cond[idx], return_dict=False,
-            )  # fmt: skip
-            model_pred = unet(
-                noisy_latents, timesteps, encoder_hidden_states,
-                down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res,
-            ).sample  # fmt: skip
+            with autocast(c.device, c.precision):
+                down_res, mid_res = controlnet(
+                    noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                    controlnet_cond=controlnet_cond, return_dict=False,
+                )  # fmt: skip
+                model_pred = unet(
+                    noisy_latents, timesteps, encoder_hidden_states,
+                    down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res,
+                ).sample  # fmt: skip
             target = diffusion_target(scheduler, latents, noise, timesteps)
-            loss, _, _ = prior_preservation_loss(model_pred, target, 0.0, with_prior=False)
+            loss, instance_loss, prior_loss = prior_preservation_loss(
+                model_pred, target, t.prior_loss_weight, with_prior
+            )
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
-            steplog.log(loss=loss.item(), grad_norm=grad_norm.item())
+            steplog.log(loss=loss.item(), instance_loss=instance_loss.item(), prior_loss=prior_loss.item(),
+                        grad_norm=grad_norm.item())  # fmt: skip
         if not torch.isfinite(loss):
-            raise SystemExit(f"stage 2 diverged: final loss {loss.item()}; lower train_pose.lr ({t.lr})")
-        steplog.summary(steps=t.steps, pairs=len(names))
+            raise ValueError(f"stage 2 diverged: final loss {loss.item()}; lower train_pose.lr ({t.lr})")
+        steplog.summary(steps=t.steps, pairs=len(names), class_pairs=len(class_names) if with_prior else 0)
         with outputs.atomic_dir(args.out) as tmp:
             controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
-            outputs.write_json(tmp / "training_config.json", {
-                "base_model": c.model, "controlnet_init": t.controlnet, "stage1": args.stage1,
-                "pairs": names, "params": cfg.as_dict(),
-            })  # fmt: skip
+            outputs.write_json(tmp / "provenance.json", provenance.provenance(
+                cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
+                stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],
+            ))  # fmt: skip
+            (tmp / "README.md").write_text(provenance.stage2_card(c.model, prompts[0]))
         steplog.close()
     except BaseException:
         steplog.abort()

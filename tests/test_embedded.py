@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from posebooth import embedded
+from posebooth import embedded, hub
 from posebooth.models import load_components, load_controlnet
 
 
@@ -66,6 +67,20 @@ def test_refs(tiny_sd):
         embedded.resolve("embedded:huge")
 
 
-def test_hub_id_offline_fails_clearly(offline_env):
-    with pytest.raises(OSError, match=r"(?s)cannot load model 'nobody/no-such-model'.*hf download"):
+@pytest.mark.parametrize("offline_flag", ["1", ""])
+def test_hub_id_offline_fails_fast_and_clearly(offline_env, monkeypatch, offline_flag):
+    """With HF_HUB_OFFLINE, or with a Hub that does not answer, the error comes at once and says what to do."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline_flag)
+    hub.hub_reachable.cache_clear()
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"base model 'nobody/no-such-model' is not on this machine.*hf download"):
         load_components("nobody/no-such-model")
+    assert time.monotonic() - start < 15  # huggingface_hub alone retries for ~25 s
+    with pytest.raises(OSError, match=r"ControlNet 'nobody/cn' is not on this machine"):
+        load_controlnet("nobody/cn")
+    hub.hub_reachable.cache_clear()
+
+
+def test_local_folder_without_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"base model .* the folder has no unet/config.json"):
+        load_components(str(tmp_path))

@@ -94,10 +94,17 @@ def test_every_output(repo):
     priors = json.loads((root / "data/class_priors/manifest.json").read_text())
     assert len(priors["images"]) == 4 and len({r["seed"] for r in priors["images"]}) == 4
     report = json.loads((root / "data/poses/report.json").read_text())
-    assert sum(r["used"] for r in report["images"]) == 6
+    assert sum(r["used"] for r in report["images"] if r["kind"] == "instance") == 6
+    assert [r["reason"] for r in report["images"] if r["kind"] == "class"] == ["sidecar: no annotation (sidecar keypoints exist only for your photos)"] * 4
     assert len(list((root / "data/poses/maps").glob("*.png"))) == 6
     assert (root / "models/stage1/pytorch_lora_weights.safetensors").stat().st_size > 0
-    assert json.loads((root / "models/stage1/training_config.json").read_text())["params"]["train"]["steps"] == 6
+    for stage in ("stage1", "stage2"):  # provenance: params, git revision, package versions, a model card
+        prov = json.loads((root / f"models/{stage}/provenance.json").read_text())
+        assert prov["params"]["common"]["model"] == "embedded:tiny-sd15" and prov["trigger"] == "a photo of sks robot"
+        assert len(prov["git"]["commit"]) == 40 and prov["packages"]["diffusers"]
+        card = (root / f"models/{stage}/README.md").read_text()
+        assert "embedded:tiny-sd15" in card and "a photo of sks robot" in card and "load_lora_weights" in card
+    assert json.loads((root / "models/stage1/provenance.json").read_text())["params"]["train"]["steps"] == 6
     assert (root / "models/stage2/controlnet/diffusion_pytorch_model.safetensors").exists()
     index = json.loads((root / "samples/index.json").read_text())
     assert len(index["images"]) == 2 * (2 + 1) * 2  # prompts x (poses + pose-free) x seeds
@@ -112,12 +119,13 @@ def test_every_metric_key(repo):
     root, _ = repo
     m = {s: json.loads((root / f"metrics/{s}.json").read_text()) for s in
          ("prepare_images", "extract_poses", "train_stage1_appearance", "train_stage2_pose", "evaluate")}  # fmt: skip
-    assert m["prepare_images"] == {"images": 6, "skipped": 0, "with_keypoints": 6}
-    assert m["extract_poses"] == {"images": 6, "with_pose": 6, "left_out": 0}
+    assert m["prepare_images"] == {"images": 6, "skipped": 0, "with_keypoints": 6, "face_crops": 0}
+    assert m["extract_poses"] == {"images": 6, "with_pose": 6, "left_out": 0, "class_images": 4, "class_with_pose": 0}
     for key in ("loss", "instance_loss", "prior_loss", "grad_norm", "step", "steps", "trainable_params"):
         assert key in m["train_stage1_appearance"], key
     assert m["train_stage1_appearance"]["prior_loss"] > 0  # prior preservation was on
-    assert {"loss", "grad_norm", "steps", "pairs"} <= set(m["train_stage2_pose"])
+    assert {"loss", "grad_norm", "steps", "pairs", "class_pairs"} <= set(m["train_stage2_pose"])
+    assert m["train_stage2_pose"]["class_pairs"] == 0  # sidecar: class images have no poses
     ev = m["evaluate"]
     for key in ("dino", "clip_i", "clip_t"):
         assert -1.0 <= ev[key] <= 1.0, key

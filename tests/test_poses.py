@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from posebooth.poses import KEYPOINT_NAMES, Pose, PoseError, crop_scale_pose, load_pose, make_detector, render_pose
+from posebooth.detectors import make_detector
+from posebooth.poses import KEYPOINT_NAMES, Pose, PoseError, crop_scale_pose, load_pose, render_pose
 from tests.conftest import ROOT
 
 

@@ -1,0 +1,123 @@
+"""The ``posebooth`` command (``python -m posebooth``): generate with trained adapters, switch profiles.
+
+This is an entry point like the stage scripts: it parses arguments and reads ``params.yaml``, then calls
+the library.
+
+    posebooth generate "a photo of sks robot on the moon" --pose data/target_poses/t_pose.json --seed 3
+    posebooth use-profile sd15
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from posebooth import config, outputs
+
+log = logging.getLogger("posebooth")
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from posebooth.generation import generate
+    from posebooth.models import SCHEDULER_CLASSES, load_components, trained_pipelines
+    from posebooth.poses import load_pose, render_pose
+
+    cfg = config.load(["common", "sample"], args.params)
+    c, s = cfg.common, cfg.sample
+    scheduler = args.scheduler or s.scheduler
+    if scheduler not in SCHEDULER_CLASSES:
+        raise ValueError(f"--scheduler: {scheduler!r} is not one of {sorted(SCHEDULER_CLASSES)}")
+    pose = load_pose(Path(args.pose)) if args.pose else None  # validated before any model loads
+    for folder in (args.stage1, args.stage2):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: no trained adapters; run `dvc repro` (or `make repro`) first")
+    prompt = config.fill(args.prompt, c)
+    comp = load_components(c.model, c.device, c.precision)
+    posed, free = trained_pipelines(comp, args.stage1, args.stage2, scheduler, c.device, c.precision, args.cpu_offload)
+    seeds = [args.seed + i for i in range(args.num_images)]
+    kwargs = dict(
+        steps=args.steps or s.steps,
+        guidance_scale=s.guidance_scale if args.guidance is None else args.guidance,
+        resolution=c.resolution,
+        negative_prompt=s.negative_prompt if args.negative_prompt is None else args.negative_prompt,
+    )
+    if pose is None:
+        images = generate(free, prompt, seeds, **kwargs)
+    else:
+        scale = s.conditioning_scale if args.conditioning_scale is None else args.conditioning_scale
+        images = generate(posed, prompt, seeds, control_image=render_pose(pose, c.resolution),
+                          conditioning_scale=scale, **kwargs)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60]
+    for seed, image in zip(seeds, images, strict=True):
+        path = out / f"{slug}{'_' + Path(args.pose).stem if args.pose else ''}_s{seed}.png"
+        image.save(path)
+        print(path)
+
+
+def _use_profile(args: argparse.Namespace) -> None:
+    from ruamel.yaml import YAML
+
+    source = PROFILES / f"{args.profile}.yaml" if not args.profile.endswith(".yaml") else Path(args.profile)
+    if not source.exists():
+        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+        raise FileNotFoundError(f"profile {args.profile!r} not found; known profiles: {known}")
+    yaml = YAML()  # round trip: params.yaml keeps its comments and layout
+    params = yaml.load(Path(args.params))
+    profile = yaml.load(source)
+    for section, values in profile.items():
+        if section not in params:
+            raise ValueError(f"{source}: section {section!r} is not in {args.params}")
+        for key, value in values.items():
+            if key not in params[section]:
+                raise ValueError(f"{source}: {section}.{key} is not a key of {args.params}")
+            params[section][key] = value
+    tmp = Path(args.params).with_suffix(".tmp.yaml")
+    yaml.dump(params, tmp)
+    try:
+        config.load(config.SECTIONS, tmp)  # the result must load strictly before it replaces params.yaml
+    except config.ConfigError:
+        tmp.unlink()
+        raise
+    tmp.replace(args.params)
+    changed = sum(len(v) for v in profile.values())
+    print(f"applied {changed} value(s) from {source} to {args.params}; review with `git diff {args.params}`")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="posebooth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--params", default="params.yaml")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="images of the trained subject, optionally in a pose")
+    g.add_argument("prompt", help="may use {identifier} and {class_noun}")
+    g.add_argument("--pose", help="keypoint JSON of the target pose (OpenPose-18); none: no ControlNet")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--negative-prompt", default=None, help="default: sample.negative_prompt")
+    g.add_argument("--scheduler", default=None, help="default: sample.scheduler")
+    g.add_argument("--steps", type=int, default=None, help="default: sample.steps")
+    g.add_argument("--guidance", type=float, default=None, help="default: sample.guidance_scale")
+    g.add_argument("--conditioning-scale", type=float, default=None, help="default: sample.conditioning_scale")
+    g.add_argument("--cpu-offload", action="store_true", help="model CPU offload (cuda)")
+    g.add_argument("--stage1", default="models/stage1")
+    g.add_argument("--stage2", default="models/stage2")
+    g.add_argument("--out", default="generated")
+    g.set_defaults(func=_generate)
+    p = sub.add_parser("use-profile", help="write a profile's values (profiles/NAME.yaml) into params.yaml")
+    p.add_argument("profile", help="sd15, test, or a path to a .yaml file")
+    p.set_defaults(func=_use_profile)
+    args = ap.parse_args(argv)
+    if getattr(args, "num_images", 1) < 1 or (getattr(args, "steps", None) or 1) < 1:
+        ap.error("--num-images and --steps must be at least 1")
+    outputs.run_stage(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

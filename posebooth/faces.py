@@ -1,0 +1,45 @@
+"""Face boxes from OpenCV's shipped Haar cascade: offline, no weights to fetch.
+
+Used for face-aware cropping in ``prepare_images``. ``opencv-python-headless`` must stay below 5:
+5.0 ships neither the cascades nor ``CascadeClassifier``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+CASCADE = "haarcascade_frontalface_default.xml"
+
+
+@lru_cache(maxsize=1)
+def _cascade():
+    import cv2
+
+    path = cv2.data.haarcascades + CASCADE
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise OSError(f"OpenCV's face cascade {path} could not be loaded; reinstall opencv-python-headless<5")
+    return cascade
+
+
+def detect_faces(image: Image.Image, min_size: int = 24) -> list[tuple[int, int, int, int]]:
+    """Face boxes ``(x, y, w, h)`` in pixels, largest first."""
+    import cv2
+
+    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
+    found = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
+    boxes = [tuple(int(v) for v in f) for f in (found if len(found) else [])]
+    return sorted(boxes, key=lambda b: (-b[2] * b[3], b[0], b[1]))
+
+
+def face_crop_box(size: tuple[int, int], face: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The largest square inside the image, as centred on the face as the borders allow."""
+    w, h = size
+    side = min(w, h)
+    cx, cy = face[0] + face[2] / 2, face[1] + face[3] / 2
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    return left, top, left + side, top + side

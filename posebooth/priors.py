@@ -1,0 +1,55 @@
+"""Class-prior images: a resumable cache of generated images, or the user's own class photos.
+
+DVC deletes a stage's outputs before it re-runs the stage, so generated class images are also kept in a
+cache outside the outputs (``$POSEBOOTH_CACHE/class_priors/<key>/``), one PNG per seed, written
+atomically as soon as each batch is made. The key covers everything that determines an image (model,
+prompt, negative prompt, size, steps, guidance, scheduler, precision); an interrupted or repeated run
+takes the valid images it finds there and generates only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from posebooth import embedded
+
+
+def cache_key(**fields) -> str:
+    """A short hash of the fields that determine a class image (besides its seed)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_dir(key: str) -> Path:
+    return embedded.cache_root().parent / "class_priors" / key
+
+
+def load_cached(folder: Path, seed: int, resolution: int) -> Image.Image | None:
+    """The cached image for ``seed`` if it exists, decodes and has the right size; otherwise ``None``."""
+    path = folder / f"{seed}.png"
+    if not path.exists():
+        return None
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        return None  # truncated by an interruption: generate it again
+    return image if image.size == (resolution, resolution) else None
+
+
+def store(folder: Path, seed: int, image: Image.Image) -> None:
+    """Write ``image`` for ``seed`` atomically (temporary file, then rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{seed}.", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, folder / f"{seed}.png")
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,92 @@
+"""What made a model: git revision, package versions, params, and a short model card."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("posebooth", "torch", "diffusers", "transformers", "peft", "accelerate", "dvc", "controlnet-aux")
+
+
+def git_revision(cwd: str | Path = ".") -> dict:
+    """HEAD's commit and whether the work tree had uncommitted changes; ``unknown`` outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def provenance(params: dict, **facts) -> dict:
+    """The record saved next to every model posebooth writes: ``facts``, params, git revision, versions."""
+    return {**facts, "params": params, "git": git_revision(), "packages": package_versions()}
+
+
+def model_card(title: str, base_model: str, trigger: str, body: str) -> str:
+    """A short Markdown model card."""
+    return (
+        f"# {title}\n\nMade by posebooth from the base model `{base_model}`.\n\n"
+        f"**Trigger phrase:** `{trigger}`\n\n{body.strip()}\n\n"
+        "The exact params, git revision and package versions are in `provenance.json`.\n"
+    )
+
+
+def stage1_card(base_model: str, trigger: str) -> str:
+    return model_card(
+        "posebooth subject LoRA (stage 1)",
+        base_model,
+        trigger,
+        f"""
+## Load it in diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipe.load_lora_weights("models/stage1")  # this folder: pytorch_lora_weights.safetensors
+image = pipe("{trigger} on the beach").images[0]
+```
+""",
+    )
+
+
+def stage2_card(base_model: str, trigger: str) -> str:
+    return model_card(
+        "posebooth pose ControlNet (stage 2)",
+        base_model,
+        trigger,
+        f"""
+## Load it in diffusers
+
+The ControlNet was trained with the stage-1 LoRA in the UNet: load both.
+
+```python
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from PIL import Image
+
+controlnet = ControlNetModel.from_pretrained("models/stage2/controlnet")
+pipe = StableDiffusionControlNetPipeline.from_pretrained("{base_model}", controlnet=controlnet)
+pipe.load_lora_weights("models/stage1")
+pose_map = Image.open("samples/poses/standing.png")  # OpenPose skeleton on black
+image = pipe("{trigger} waving", image=pose_map).images[0]
+```
+""",
+    )
