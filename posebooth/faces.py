@@ -25,13 +25,20 @@ def _cascade():
     return cascade
 
 
-def detect_faces(image: Image.Image, min_size: int = 24) -> list[tuple[int, int, int, int]]:
-    """Face boxes ``(x, y, w, h)`` in pixels, largest first."""
+def detect_faces(image: Image.Image, min_size: int = 24, max_side: int = 400) -> list[tuple[int, int, int, int]]:
+    """Face boxes ``(x, y, w, h)`` in pixels of ``image``, largest first.
+
+    The cascade runs on a copy at most ``max_side`` pixels wide or high (a 2048 px photo takes a second at
+    full size and finds the same faces), and boxes are scaled back.
+    """
     import cv2
 
-    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
-    found = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
-    boxes = [tuple(int(v) for v in f) for f in (found if len(found) else [])]
+    scale = min(1.0, max_side / max(image.size))
+    small = image.convert("L")
+    if scale < 1.0:
+        small = small.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+    found = _cascade().detectMultiScale(np.asarray(small), scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
+    boxes = [tuple(int(round(v / scale)) for v in f) for f in (found if len(found) else [])]
     return sorted(boxes, key=lambda b: (-b[2] * b[3], b[0], b[1]))
 
 

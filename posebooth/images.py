@@ -104,7 +104,7 @@ def crop_resize(
     left, top, right, bottom = box
     canvas = Image.new("RGB", (right - left, bottom - top), tuple(fill))
     canvas.paste(image, (-left, -top))
-    return canvas.resize((size, size), Image.Resampling.LANCZOS)
+    return canvas.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def pixel_hash(image: Image.Image) -> str:

@@ -45,18 +45,19 @@ def load_components(ref: str, device: str = "cpu", precision: str = "fp32") -> C
     path = embedded.resolve(ref)
     if not embedded.is_embedded(ref):
         hub.require(path, "unet/config.json", "base model")
+    dtype = DTYPES[precision]
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     except OSError as err:
         raise _offline_hint(ref, err) from err
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False)
         m.eval()
-        m.to(device, DTYPES[precision])
+        m.to(device)
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, ref)
 
 
@@ -71,9 +72,8 @@ def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "
     if not embedded.is_embedded(ref):
         hub.require(ref, "config.json", "ControlNet")
     try:
-        return ControlNetModel.from_pretrained(embedded.resolve(ref), use_safetensors=True).to(
-            device, DTYPES[precision]
-        )
+        path = embedded.resolve(ref)
+        return ControlNetModel.from_pretrained(path, use_safetensors=True, torch_dtype=DTYPES[precision]).to(device)
     except OSError as err:
         raise _offline_hint(ref, err) from err
 

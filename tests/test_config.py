@@ -111,3 +111,53 @@ def test_fill(tmp_path, params):
     c = _load(tmp_path, params).common
     assert config.fill(c.instance_prompt, c) == "a photo of sks robot"
     assert config.fill(c.class_prompt, c) == "a photo of a robot"
+
+
+def test_fp16_on_cpu_is_an_error(tmp_path, params):
+    params["common"]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match=r"common.precision: fp16 is not supported on cpu"):
+        _load(tmp_path, params)
+    params["common"]["device"] = "cuda"
+    assert _load(tmp_path, params).common.precision == "fp16"
+    params["common"]["device"], params["common"]["precision"] = "cpu", "bf16"
+    assert _load(tmp_path, params).common.precision == "bf16"
+
+
+def test_cpu_offload_needs_cuda_and_pad_color_is_rgb(tmp_path, params):
+    bad = copy.deepcopy(params)
+    bad["sample"]["cpu_offload"] = True
+    with pytest.raises(ConfigError, match=r"sample.cpu_offload: needs common.device: cuda"):
+        _load(tmp_path, bad)
+    bad = copy.deepcopy(params)
+    bad["prepare_images"]["pad_color"] = [0, 300, 0]
+    with pytest.raises(ConfigError, match=r"prepare_images.pad_color: \[0, 300, 0\] must be three integers"):
+        _load(tmp_path, bad)
+
+
+def test_use_profile_sd15_is_one_command_and_stays_strict(tmp_path, capsys):
+    from posebooth.cli import main
+
+    target = tmp_path / "params.yaml"
+    target.write_text((ROOT / "params.yaml").read_text())
+    main(["--params", str(target), "use-profile", "sd15"])
+    cfg = config.load(config.SECTIONS, target)
+    profile = yaml.safe_load((ROOT / "profiles" / "sd15.yaml").read_text())
+    for section, values in profile.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    assert cfg.common.model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.common.resolution == 512
+    assert cfg.train_pose.controlnet == "lllyasviel/control_v11p_sd15_openpose"
+    assert "# posebooth: every hyperparameter lives here" in target.read_text()  # comments kept
+    assert "applied" in capsys.readouterr().out
+
+
+def test_use_profile_rejects_unknown_keys(tmp_path):
+    from posebooth.cli import main
+
+    target = tmp_path / "params.yaml"
+    target.write_text((ROOT / "params.yaml").read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(SystemExit):
+        main(["--params", str(target), "use-profile", str(bad)])
+    assert target.read_text() == (ROOT / "params.yaml").read_text()  # untouched

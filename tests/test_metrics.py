@@ -55,3 +55,29 @@ def test_identical_images_score_one_with_stand_in_backbones(offline_env):
 def test_real_backbone_offline_fails_clearly(offline_env):
     with pytest.raises(OSError, match=r"metric backbone 'facebook/dino-vits16' is not on this machine.*hf download"):
         DinoEmbedder("facebook/dino-vits16")
+
+
+def _kp(points: dict[int, tuple[float, float]]):
+    import numpy as np
+
+    kp = np.zeros((18, 3))
+    for i, (x, y) in points.items():
+        kp[i] = [x, y, 1.0]
+    return kp
+
+
+def test_pck_on_hand_placed_keypoints():
+    from posebooth.metrics import pck, scale_pose_keypoints
+
+    target = _kp({0: (0, 0), 1: (0, 100), 2: (50, 100)})  # bbox 50 x 100: scale 100
+    assert pck(target, target, 0.2) == 1.0  # identical poses score 1
+    near = _kp({0: (15, 0), 1: (0, 100), 2: (50, 100)})  # 15 px off: inside 0.2 * 100, outside 0.1 * 100
+    assert pck(near, target, 0.2) == 1.0 and pck(near, target, 0.1) == pytest.approx(2 / 3)
+    missing = _kp({0: (0, 0), 1: (0, 100)})  # a keypoint not detected counts as missed
+    assert pck(missing, target, 0.2) == pytest.approx(2 / 3)
+    swapped = _kp({0: (0, 0), 1: (50, 100), 2: (0, 100)})  # left/right swap: both swapped points miss
+    assert pck(swapped, target, 0.2) == pytest.approx(1 / 3)
+    assert pck(None, target, 0.2) == 0.0  # an empty detection
+    assert pck(target, _kp({0: (5, 5)}), 0.2) is None  # one visible keypoint: no scale
+    moved = scale_pose_keypoints(target, (100, 100), (50, 50))  # a pose on another canvas, rescaled
+    assert moved[2].tolist() == [25.0, 50.0, 1.0] and pck(moved, scale_pose_keypoints(target, (100, 100), (50, 50)), 0.1) == 1.0

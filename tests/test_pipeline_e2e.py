@@ -183,3 +183,48 @@ def test_too_few_photos_fail_and_leave_no_output(repo, tmp_path):
     assert proc.returncode != 0
     assert "only 2 usable photo(s) in photos" in proc.stderr and "broken.jpg" in proc.stderr
     assert not (work / "data" / "prepared").exists()
+
+
+def test_generate_command_with_the_trained_adapters(repo):
+    root, _ = repo
+    proc = run([sys.executable, "-m", "posebooth", "generate", "a photo of {identifier} {class_noun} on the moon",
+                "--pose", "data/target_poses/t_pose.json", "--seed", "3", "--negative-prompt", "blurry",
+                "--scheduler", "euler", "--steps", "2", "--guidance", "4", "--conditioning-scale", "0.8",
+                "--out", "gen"], root)  # fmt: skip
+    (path,) = proc.stdout.split()
+    assert path == "gen/a_photo_of_sks_robot_on_the_moon_t_pose_s3.png"
+    from PIL import Image
+
+    assert Image.open(root / path).size == (32, 32)
+    proc = run([sys.executable, "-m", "posebooth", "generate", "a photo of sks robot", "--num-images", "2", "--out", "gen"], root)
+    assert len(proc.stdout.split()) == 2 and all((root / p).exists() for p in proc.stdout.split())
+    bad = run([sys.executable, "-m", "posebooth", "generate", "x", "--pose", "nope.json"], root, check=False)
+    assert bad.returncode == 1 and "nope.json: cannot be read as JSON" in bad.stderr
+
+
+def test_readme_own_photos_steps(repo, tmp_path):
+    """The README's 'Your own subject' steps, inside the repository (dvc add) and from a folder outside it."""
+    root, _ = repo
+    work = tmp_path / "own"
+    shutil.copytree(root, work, symlinks=True)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "outputs", "--allow-empty"], work)
+    # Inside the repository: photos tracked by DVC, never git.
+    shutil.copytree(ROOT / "data" / "subject", work / "data" / "me")
+    run(["dvc", "add", "data/me"], work)
+    assert (work / "data" / "me.dvc").exists() and "/me" in (work / "data" / ".gitignore").read_text()
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["prepare_images"]["input_dir"] = "data/me"
+    params["common"]["class_noun"] = "toy"
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro", "extract_poses"], work).stdout
+    assert ran_stages(out) == ["prepare_images", "generate_class_priors", "extract_poses"]
+    # Outside the repository: an absolute path works as the stage's dependency.
+    outside = tmp_path / "photos elsewhere"
+    shutil.copytree(ROOT / "data" / "subject", outside)
+    params["prepare_images"]["input_dir"] = str(outside)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro", "prepare_images"], work).stdout
+    assert ran_stages(out) == ["prepare_images"]
+    manifest = json.loads((work / "data/prepared/manifest.json").read_text())
+    assert all(r["source"].startswith(str(outside)) for r in manifest["images"])

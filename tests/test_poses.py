@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from posebooth.detectors import make_detector
 from posebooth.poses import KEYPOINT_NAMES, Pose, PoseError, crop_scale_pose, load_pose, render_pose
 from tests.conftest import ROOT
 
@@ -74,7 +73,3 @@ def test_sample_poses_are_valid():
         pose = load_pose(path)
         assert pose.visible.sum() == len(KEYPOINT_NAMES), path
 
-
-def test_unknown_detector():
-    with pytest.raises(ValueError, match=r"extract_poses.detector: unknown detector 'magic'"):
-        make_detector("magic")
