@@ -31,13 +31,13 @@ def detect_faces(image: Image.Image, min_size: int = 24, max_side: int = 400) ->
     The cascade runs on a copy at most ``max_side`` pixels wide or high (a 2048 px photo takes a second at
     full size and finds the same faces), and boxes are scaled back.
     """
-    import cv2
-
     scale = min(1.0, max_side / max(image.size))
     small = image.convert("L")
     if scale < 1.0:
         small = small.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
-    found = _cascade().detectMultiScale(np.asarray(small), scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
+    found = _cascade().detectMultiScale(
+        np.asarray(small), scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size)
+    )
     boxes = [tuple(int(round(v / scale)) for v in f) for f in (found if len(found) else [])]
     return sorted(boxes, key=lambda b: (-b[2] * b[3], b[0], b[1]))
 

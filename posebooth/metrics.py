@@ -81,3 +81,25 @@ def pck(predicted, target, alpha: float) -> float | None:
     dist = np.linalg.norm(predicted[vis, :2] - xy, axis=1)
     hit = (predicted[vis, 2] > 0) & (dist <= alpha * scale)
     return float(hit.mean())
+
+
+def pose_adherence(detector, images: list, targets: list, alpha: float = 0.2) -> dict:
+    """Detect the pose again on each generated image and compare it with its target pose (``Pose``).
+
+    Returns PCK@alpha averaged over images (a missed detection scores 0), the detection rate, and the
+    number of images behind them.
+    """
+    scores, detected = [], 0
+    for image, target in zip(images, targets, strict=True):
+        found = detector.detect(image)
+        detected += found is not None
+        target_kp = scale_pose_keypoints(target.keypoints, (target.width, target.height), image.size)
+        score = pck(None if found is None else found.keypoints, target_kp, alpha)
+        if score is not None:
+            scores.append(score)
+    return {
+        "detector": detector.name,
+        f"pck_{alpha}": round(sum(scores) / len(scores), 6) if scores else None,
+        "detection_rate": round(detected / len(images), 6) if images else None,
+        "n_images": len(images),
+    }

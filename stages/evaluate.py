@@ -23,7 +23,7 @@ from posebooth import config, data, outputs
 from posebooth.backbones import ClipEmbedder, DinoEmbedder, is_stand_in, lpips_distance
 from posebooth.detectors import make_detector
 from posebooth.images import to_tensor
-from posebooth.metrics import mean_matched_cosine, mean_pairwise_cosine, mean_pairwise_lpips, pck, scale_pose_keypoints
+from posebooth.metrics import mean_matched_cosine, mean_pairwise_cosine, mean_pairwise_lpips, pose_adherence
 from posebooth.poses import load_pose
 
 log = logging.getLogger("evaluate")
@@ -83,37 +83,20 @@ def main() -> None:
         "lpips": {"model": e.lpips_net, "stand_in": is_stand_in(e.lpips_net)},
     }
     result["stand_in"] = any(b["stand_in"] for b in result["backbones"].values())
-    result["pose_adherence"] = pose_adherence(cfg.extract_poses, [(generated[i], entries[i]) for i in posed])
+    ep = cfg.extract_poses
+    if not posed:
+        result["pose_adherence"] = "not measured: no posed samples"
+    elif ep.detector == "sidecar":  # sidecar keypoints exist only for the training photos
+        result["pose_adherence"] = "not measured: the sidecar detector cannot detect poses on generated images"
+    else:
+        targets = [load_pose(Path(entries[i]["pose_file"])) for i in posed]
+        detector = make_detector(ep.detector, ep.openpose_weights)
+        result["pose_adherence"] = pose_adherence(detector, [generated[i] for i in posed], targets)
     if result["stand_in"]:
         log.warning("stand-in backbones in use: these numbers test the pipeline and measure nothing")
     outputs.write_json(args.metrics, result)
     log.info("DINO %.3f  CLIP-I %.3f  CLIP-T %.3f  LPIPS-div %s over %d images",
              result["dino"], result["clip_i"], result["clip_t"], result["lpips_diversity"], len(entries))  # fmt: skip
-
-
-def pose_adherence(ep, posed: list) -> dict | str:
-    """PCK@0.2 of the pose detected again on each posed sample against its target, and the detection rate."""
-    if not posed:
-        return "not measured: no posed samples"
-    if ep.detector == "sidecar":
-        # Sidecar keypoints exist only for the training photos: nothing can read the generated images.
-        return "not measured: the sidecar detector cannot detect poses on generated images"
-    detector = make_detector(ep.detector, ep.openpose_weights)
-    scores, detected = [], 0
-    for image, entry in posed:
-        target = load_pose(Path(entry["pose_file"]))
-        found = detector.detect(image)
-        detected += found is not None
-        score = pck(None if found is None else found.keypoints,
-                    scale_pose_keypoints(target.keypoints, (target.width, target.height), image.size), 0.2)  # fmt: skip
-        if score is not None:
-            scores.append(score)
-    return {
-        "detector": ep.detector,
-        "pck_0.2": round(sum(scores) / len(scores), 6) if scores else None,
-        "detection_rate": round(detected / len(posed), 6),
-        "n_images": len(posed),
-    }
 
 
 if __name__ == "__main__":

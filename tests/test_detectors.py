@@ -47,7 +47,9 @@ class StubEstimator:
         subset[0, 0], subset[0, 1], subset[0, 18], subset[0, 19] = 0, 1, 1.6, 2
         return candidate, subset
 
-    format_body_result = staticmethod(__import__("controlnet_aux.open_pose.body", fromlist=["Body"]).Body.format_body_result)
+    format_body_result = staticmethod(
+        __import__("controlnet_aux.open_pose.body", fromlist=["Body"]).Body.format_body_result
+    )
 
 
 def test_openpose_detector_reads_the_estimator_output_in_bgr():
@@ -84,7 +86,10 @@ def test_openpose_offline_fails_within_seconds_naming_the_weights(monkeypatch, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "")  # even without the flag: the Hub does not answer here
     hub.hub_reachable.cache_clear()
     start = time.monotonic()
-    with pytest.raises(OSError, match=r"OpenPose weights \(body_pose_model.pth\) 'lllyasviel/Annotators' is not on this machine.*hf download lllyasviel/Annotators"):
+    with pytest.raises(
+        OSError,
+        match=r"OpenPose weights \(body_pose_model.pth\) 'lllyasviel/Annotators' is not on this machine.*hf download lllyasviel/Annotators",
+    ):
         make_detector("openpose", "lllyasviel/Annotators")
     assert time.monotonic() - start < 15
     hub.hub_reachable.cache_clear()

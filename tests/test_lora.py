@@ -80,3 +80,26 @@ def test_saved_lora_loads_in_stock_pipeline_and_changes_output(tiny_sd, tmp_path
     assert trained.keys() == got.keys()
     assert all(torch.equal(trained[k], got[k]) for k in trained)
     assert not any(p.requires_grad for p in reloaded.parameters())
+
+
+def test_bf16_step_keeps_trained_weights_in_fp32(tiny_sd):
+    """Mixed precision on CPU: frozen weights in bf16, LoRA weights and their optimizer state in fp32."""
+    from posebooth.training import autocast
+
+    comp = load_components("embedded:tiny-sd15", precision="bf16")
+    assert comp.unet.dtype == torch.bfloat16 and comp.text_encoder.dtype == torch.bfloat16
+    params = add_unet_lora(comp.unet, 4, 4.0, ["to_q", "to_v"])
+    assert all(p.dtype == torch.float32 for p in params)
+    before = [p.detach().clone() for p in params]
+    opt = make_optimizer(params, 1e-2, 0.0)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 4, 4, generator=g).to(torch.bfloat16)
+    ehs = encode_prompts(comp.tokenizer, comp.text_encoder, ["a photo of sks robot"])
+    noisy, noise, t = add_noise(comp.noise_scheduler, latents, g)
+    with autocast("cpu", "bf16"):
+        pred = comp.unet(noisy, t, ehs).sample
+    loss, _, _ = prior_preservation_loss(pred, noise, 1.0, False)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert all(p.dtype == torch.float32 for p in params)

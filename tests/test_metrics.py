@@ -80,4 +80,36 @@ def test_pck_on_hand_placed_keypoints():
     assert pck(None, target, 0.2) == 0.0  # an empty detection
     assert pck(target, _kp({0: (5, 5)}), 0.2) is None  # one visible keypoint: no scale
     moved = scale_pose_keypoints(target, (100, 100), (50, 50))  # a pose on another canvas, rescaled
-    assert moved[2].tolist() == [25.0, 50.0, 1.0] and pck(moved, scale_pose_keypoints(target, (100, 100), (50, 50)), 0.1) == 1.0
+    assert (
+        moved[2].tolist() == [25.0, 50.0, 1.0]
+        and pck(moved, scale_pose_keypoints(target, (100, 100), (50, 50)), 0.1) == 1.0
+    )
+
+
+class _FixedDetector:
+    """A detector that 'finds' a fixed keypoint array (or nothing) on every image."""
+
+    name = "fixed"
+
+    def __init__(self, keypoints):
+        self.keypoints = keypoints
+
+    def detect(self, image, keypoints_path=None):
+        from posebooth.poses import Pose
+
+        return None if self.keypoints is None else Pose(image.width, image.height, self.keypoints)
+
+
+def test_pose_adherence_redetects_on_generated_images():
+    from PIL import Image
+
+    from posebooth.metrics import pose_adherence, scale_pose_keypoints
+    from posebooth.poses import Pose
+
+    target = Pose(512, 512, _kp({0: (100, 100), 1: (100, 300), 2: (300, 300)}))
+    images = [Image.new("RGB", (64, 64))] * 3
+    exact = scale_pose_keypoints(target.keypoints, (512, 512), (64, 64))  # the target on the 64 px image
+    hit = pose_adherence(_FixedDetector(exact), images, [target] * 3)
+    assert hit == {"detector": "fixed", "pck_0.2": 1.0, "detection_rate": 1.0, "n_images": 3}
+    miss = pose_adherence(_FixedDetector(None), images, [target] * 3)
+    assert miss["pck_0.2"] == 0.0 and miss["detection_rate"] == 0.0

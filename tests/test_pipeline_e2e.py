@@ -95,7 +95,9 @@ def test_every_output(repo):
     assert len(priors["images"]) == 4 and len({r["seed"] for r in priors["images"]}) == 4
     report = json.loads((root / "data/poses/report.json").read_text())
     assert sum(r["used"] for r in report["images"] if r["kind"] == "instance") == 6
-    assert [r["reason"] for r in report["images"] if r["kind"] == "class"] == ["sidecar: no annotation (sidecar keypoints exist only for your photos)"] * 4
+    assert [r["reason"] for r in report["images"] if r["kind"] == "class"] == [
+        "sidecar: no annotation (sidecar keypoints exist only for your photos)"
+    ] * 4
     assert len(list((root / "data/poses/maps").glob("*.png"))) == 6
     assert (root / "models/stage1/pytorch_lora_weights.safetensors").stat().st_size > 0
     for stage in ("stage1", "stage2"):  # provenance: params, git revision, package versions, a model card
@@ -196,7 +198,10 @@ def test_generate_command_with_the_trained_adapters(repo):
     from PIL import Image
 
     assert Image.open(root / path).size == (32, 32)
-    proc = run([sys.executable, "-m", "posebooth", "generate", "a photo of sks robot", "--num-images", "2", "--out", "gen"], root)
+    proc = run(
+        [sys.executable, "-m", "posebooth", "generate", "a photo of sks robot", "--num-images", "2", "--out", "gen"],
+        root,
+    )
     assert len(proc.stdout.split()) == 2 and all((root / p).exists() for p in proc.stdout.split())
     bad = run([sys.executable, "-m", "posebooth", "generate", "x", "--pose", "nope.json"], root, check=False)
     assert bad.returncode == 1 and "nope.json: cannot be read as JSON" in bad.stderr

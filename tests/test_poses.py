@@ -72,4 +72,3 @@ def test_sample_poses_are_valid():
     for path in paths:
         pose = load_pose(path)
         assert pose.visible.sum() == len(KEYPOINT_NAMES), path
-

@@ -26,7 +26,9 @@ def draw_face(canvas: Image.Image, cx: int, cy: int, r: int) -> None:
         ex, ey = cx + dx * r, cy - 0.2 * r
         d.ellipse([ex - 0.2 * r, ey - 0.1 * r, ex + 0.2 * r, ey + 0.1 * r], fill=(255, 255, 255))
         d.ellipse([ex - 0.09 * r, ey - 0.09 * r, ex + 0.09 * r, ey + 0.09 * r], fill=(30, 20, 20))
-        d.line([ex - 0.25 * r, ey - 0.3 * r, ex + 0.25 * r, ey - 0.3 * r], fill=(60, 40, 30), width=max(2, int(0.08 * r)))
+        d.line(
+            [ex - 0.25 * r, ey - 0.3 * r, ex + 0.25 * r, ey - 0.3 * r], fill=(60, 40, 30), width=max(2, int(0.08 * r))
+        )
     d.polygon([(cx, cy - 0.1 * r), (cx - 0.12 * r, cy + 0.3 * r), (cx + 0.12 * r, cy + 0.3 * r)], fill=(200, 150, 120))
     d.ellipse([cx - 0.35 * r, cy + 0.5 * r, cx + 0.35 * r, cy + 0.7 * r], fill=(150, 60, 60))
 
