@@ -26,7 +26,7 @@ def _generate(args: argparse.Namespace) -> None:
     from posebooth.models import SCHEDULER_CLASSES, load_components, trained_pipelines
     from posebooth.poses import load_pose, render_pose
 
-    cfg = config.load(["common", "sample"], args.params)
+    cfg = config.load(["common", "sample", "extract_poses"], args.params)
     c, s = cfg.common, cfg.sample
     scheduler = args.scheduler or s.scheduler
     if scheduler not in SCHEDULER_CLASSES:
@@ -49,7 +49,7 @@ def _generate(args: argparse.Namespace) -> None:
         images = generate(free, prompt, seeds, **kwargs)
     else:
         scale = s.conditioning_scale if args.conditioning_scale is None else args.conditioning_scale
-        images = generate(posed, prompt, seeds, control_image=render_pose(pose, c.resolution),
+        images = generate(posed, prompt, seeds, control_image=render_pose(pose, c.resolution, cfg.extract_poses.render_size),
                           conditioning_scale=scale, **kwargs)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

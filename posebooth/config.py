@@ -86,31 +86,40 @@ class ExtractPoses:
 
 
 @dataclass(frozen=True)
-class Train:
-    """Stage 1: DreamBooth LoRA on the UNet with prior preservation."""
+class Optimisation:
+    """Knobs both training stages share (each stage has its own values)."""
 
-    steps: int = _rng(1)
+    steps: int = _rng(1)  # optimizer steps
     lr: float = _positive()
     batch_size: int = _rng(1)
-    rank: int = _rng(1)
-    alpha: float = _positive()
-    target_modules: list[str]
-    prior_loss_weight: float = _nonneg()
+    prior_loss_weight: float = _nonneg()  # λ of the class prior term; 0 trains without it
     weight_decay: float = _nonneg()
     max_grad_norm: float = _positive()
+    optimizer: Literal["adamw", "adamw_8bit"]  # adamw_8bit: bitsandbytes
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"]
+    lr_warmup_steps: int = _nonneg()
+    gradient_accumulation_steps: int = _rng(1)
+    gradient_checkpointing: bool
+    snr_gamma: float = _nonneg()  # min-SNR-γ loss weighting; 0 = off (5.0 is the paper's choice)
+    noise_offset: float = _nonneg()  # offset noise; 0 = off
 
 
 @dataclass(frozen=True)
-class TrainPose:
+class Train(Optimisation):
+    """Stage 1: DreamBooth LoRA on the UNet with prior preservation."""
+
+    rank: int = _rng(1)
+    alpha: float = _positive()
+    target_modules: list[str]
+    flip_prob: float = _prob()  # horizontal flips of the instance images (latents cached per variant)
+
+
+@dataclass(frozen=True)
+class TrainPose(Optimisation):
     """Stage 2: the OpenPose ControlNet on the subject's (image, pose map) pairs, identity frozen."""
 
     controlnet: str  # "from_unet", "embedded:tiny-sd15-openpose", a hub id or a local folder
-    steps: int = _rng(1)
-    lr: float = _positive()
-    batch_size: int = _rng(1)
     empty_prompt_prob: float = _prob()
-    prior_loss_weight: float = _nonneg()  # class (image, pose) pairs, when class images have poses
-    max_grad_norm: float = _positive()
 
 
 @dataclass(frozen=True)
@@ -286,6 +295,10 @@ def _cross_checks(cfg: Config) -> None:
             _check_template(f"sample.prompts[{i}]", p)
         if not cfg.sample.prompts or not cfg.sample.seeds:
             raise ConfigError("sample.prompts and sample.seeds: each needs at least one entry")
+    for name in ("train", "train_pose"):
+        t = getattr(cfg, name)
+        if t is not None and t.lr_warmup_steps > t.steps:
+            raise ConfigError(f"{name}.lr_warmup_steps: {t.lr_warmup_steps} is more than {name}.steps ({t.steps})")
     if cfg.train is not None and cfg.generate_class_priors is not None:
         if cfg.train.prior_loss_weight > 0 and cfg.generate_class_priors.num_class_images == 0:
             raise ConfigError(

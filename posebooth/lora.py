@@ -35,13 +35,32 @@ def save_unet_lora(unet, folder: str | Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # PEFT keeps target_modules as a set, whose order changes from process to process: sort it, so that
+    # the same training gives the same file, byte for byte.
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config["default"].to_dict().items()}
     StableDiffusionPipeline.save_lora_weights(
-        str(folder),
-        unet_lora_layers=layers,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        safe_serialization=True,
+        str(folder), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
     )
-    return Path(folder) / LORA_FILE
+    path = Path(folder) / LORA_FILE
+    _rewrite_canonically(path)
+    return path
+
+
+def _rewrite_canonically(path: Path) -> None:
+    """Re-save a LoRA file so that the same weights give the same bytes.
+
+    safetensors writes the header's metadata in hash-map order, which changes from process to process
+    when there is more than one entry, and DVC would then see a new file for the same weights. The file
+    keeps one metadata entry, the adapter config that ``load_lora_weights`` reads (the ``format: pt``
+    marker is informational).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if k == "lora_adapter_metadata"}
+        tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
+    save_file(tensors, str(path), metadata=metadata or None)
 
 
 def load_unet_lora(unet, folder: str | Path, adapter_name: str = "identity") -> None:

@@ -48,12 +48,14 @@ def mean_pairwise_lpips(groups: list[torch.Tensor], distance) -> tuple[float | N
 
 
 def scale_pose_keypoints(keypoints, from_size: tuple[int, int], to_size: tuple[int, int]):
-    """(18, 3) keypoints on a ``from_size`` canvas moved to a ``to_size`` canvas (confidence kept)."""
+    """(18, 3) keypoints on a ``from_size`` canvas moved to a ``to_size`` canvas the way ``render_pose``
+    draws them: scaled to fit and centred (letterboxed), confidence kept."""
     import numpy as np
 
     kp = np.array(keypoints, dtype=np.float64)
-    kp[:, 0] *= to_size[0] / from_size[0]
-    kp[:, 1] *= to_size[1] / from_size[1]
+    scale = min(to_size[0] / from_size[0], to_size[1] / from_size[1])
+    kp[:, 0] = kp[:, 0] * scale + (to_size[0] - from_size[0] * scale) / 2
+    kp[:, 1] = kp[:, 1] * scale + (to_size[1] - from_size[1] * scale) / 2
     return kp
 
 

@@ -147,6 +147,29 @@ def trained_pipelines(
     posed.load_lora_weights(stage1)  # the LoRA goes into the UNet that both pipelines share
     free = sd_pipeline(comp, scheduler)
     if cpu_offload:  # small GPUs: each model visits the GPU only while it runs
+        # Once, on the pipeline that holds every module: the hooks it puts on the shared text encoder,
+        # UNet and VAE serve the pose-free pipeline too (a second call would re-chain them).
         posed.enable_model_cpu_offload()
-        free.enable_model_cpu_offload()
     return posed, free
+
+
+def weights_fingerprint(ref: str) -> str:
+    """What identifies the weights behind ``ref``, for caches of things they generate.
+
+    Embedded: its folder (keyed by the builder's hash). Local folder: a hash of its files' names, sizes
+    and modification times. Hub id: the cached snapshot's commit, else the id itself.
+    """
+    import hashlib
+    from pathlib import Path
+
+    path = embedded.resolve(ref)
+    if embedded.is_embedded(ref):
+        return path
+    if Path(path).is_dir():
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        stat = "\n".join(f"{p.relative_to(path)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
+        return f"{Path(path).resolve()}#{hashlib.sha256(stat.encode()).hexdigest()[:16]}"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref, "unet/config.json")
+    return f"{ref}@{Path(cached).parents[1].name}" if isinstance(cached, str) else ref

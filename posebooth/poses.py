@@ -109,8 +109,16 @@ def crop_scale_pose(pose: Pose, box: tuple[int, int, int, int], size: int) -> Po
     return map_pose(pose, lambda xy: (xy - [left, top]) * [sx, sy], size, size)
 
 
+def fit_square(pose: Pose, size: int) -> Pose:
+    """The pose on a ``size`` x ``size`` canvas, letterboxed: scaled by its longer side and centred, so a
+    non-square pose keeps its proportions (as ``prepare_images``' padding does for photos)."""
+    scale = size / max(pose.width, pose.height)
+    offset = [(size - pose.width * scale) / 2, (size - pose.height * scale) / 2]
+    return map_pose(pose, lambda xy: xy * scale + offset, size, size)
+
+
 def render_pose(pose: Pose, size: int, render_size: int = 512) -> Image.Image:
-    """OpenPose-style skeleton on a black background, ``size`` x ``size`` RGB.
+    """OpenPose-style skeleton on a black background, ``size`` x ``size`` RGB (non-square poses letterboxed).
 
     Drawn with controlnet_aux's ``draw_bodypose`` (normalised coordinates, fixed stick width) at
     ``render_size`` so limbs keep OpenPose's proportions, then resized with area averaging.
@@ -118,9 +126,10 @@ def render_pose(pose: Pose, size: int, render_size: int = 512) -> Image.Image:
     import cv2
 
     draw_bodypose, keypoint_cls = _controlnet_aux_drawing()
+    square = fit_square(pose, render_size)
     points = [
-        keypoint_cls(x / pose.width, y / pose.height, c, i) if c > 0 else None
-        for i, (x, y, c) in enumerate(pose.keypoints)
+        keypoint_cls(x / render_size, y / render_size, c, i) if c > 0 else None
+        for i, (x, y, c) in enumerate(square.keypoints)
     ]
     canvas = np.zeros((render_size, render_size, 3), dtype=np.uint8)  # black, not grey
     canvas = draw_bodypose(canvas, points)
@@ -136,3 +145,18 @@ def _controlnet_aux_drawing():
         from controlnet_aux.open_pose.body import Keypoint
         from controlnet_aux.open_pose.util import draw_bodypose
     return draw_bodypose, Keypoint
+
+
+def load_target_poses(paths: list[str], folder: str | Path) -> dict[str, Pose]:
+    """Validate ``sample.poses``: files inside ``folder`` (the stage's declared dependency) with distinct
+    names; returns ``{name: Pose}`` in the given order."""
+    folder = Path(folder).resolve()
+    poses: dict[str, Pose] = {}
+    for p in paths:
+        path = Path(p)
+        if folder not in path.resolve().parents:
+            raise PoseError(f"sample.poses: {p} must lie in {folder.name}/ (the folder dvc.yaml tracks); move it there")
+        if path.stem in poses:
+            raise PoseError(f"sample.poses: two poses are named {path.stem!r}; give the files distinct names")
+        poses[path.stem] = load_pose(path)
+    return poses

@@ -3,7 +3,8 @@
 DVC deletes a stage's outputs before it re-runs the stage, so generated class images are also kept in a
 cache outside the outputs (``$POSEBOOTH_CACHE/class_priors/<key>/``), one PNG per seed, written
 atomically as soon as each batch is made. The key covers everything that determines an image (model,
-prompt, negative prompt, size, steps, guidance, scheduler, precision); an interrupted or repeated run
+prompt, negative prompt, size, steps, guidance, scheduler, precision; the model by
+``models.weights_fingerprint``, so changed weights under the same name are not mistaken for the old ones); an interrupted or repeated run
 takes the valid images it finds there and generates only the rest.
 """
 

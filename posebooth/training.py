@@ -23,12 +23,43 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW as in diffusers' DreamBooth and ControlNet scripts."""
+def make_accelerator(device: str, precision: str, gradient_accumulation_steps: int):
+    """An ``accelerate.Accelerator``: mixed precision (with a gradient scaler for fp16), gradient
+    accumulation, and multi-GPU / multi-node training when the stage runs under ``accelerate launch``."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision={"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision],
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        cpu=device == "cpu",
+    )
+
+
+def make_optimizer(params, lr: float, weight_decay: float, kind: str = "adamw", min_8bit_size: int = 4096):
+    """AdamW as in diffusers' DreamBooth and ControlNet scripts, or bitsandbytes' 8-bit AdamW.
+
+    ``params`` may be parameters or param groups (dicts with their own ``lr``). bitsandbytes keeps fp32
+    state for tensors with fewer than ``min_8bit_size`` elements.
+    """
     params = list(params)
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ValueError("optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from err
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
+    raise ValueError(f"optimizer: unknown optimizer {kind!r}; choose adamw or adamw_8bit")
+
+
+def make_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
+    """diffusers' learning-rate schedules (constant, constant_with_warmup, linear, cosine) over optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
 class StepLog:
@@ -67,3 +98,26 @@ class StepLog:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def prepare(model, params: list, t, device: str, precision: str):
+    """Optimizer, lr schedule and accelerator for training ``params`` of ``model`` with the knobs in ``t``
+    (a ``config.Optimisation``). Returns ``(accelerator, model, optimizer, lr_scheduler)``, prepared."""
+    accelerator = make_accelerator(device, precision, t.gradient_accumulation_steps)
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = make_optimizer(params, t.lr, t.weight_decay, t.optimizer)
+    lr_scheduler = make_lr_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.steps)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    return accelerator, model, optimizer, lr_scheduler
+
+
+def backward_and_step(accelerator, loss, params: list, optimizer, lr_scheduler, max_grad_norm: float):
+    """Backward pass; on the last micro-batch of an accumulation, clip, step and reset. Returns the
+    gradient norm before clipping when the optimizer stepped, else ``None``."""
+    accelerator.backward(loss)  # divides by the accumulation steps
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if accelerator.sync_gradients else None
+    optimizer.step()  # accelerate skips these until the accumulation is complete
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -57,7 +57,7 @@ def main() -> None:
         for i in rows:
             groups.setdefault((entries[i]["prompt"], entries[i]["pose"]), []).append(i)
         div, pairs = mean_pairwise_lpips(
-            [torch.stack([to_tensor(generated[i]) for i in g]) for g in groups.values()], lpips
+            [torch.stack([to_tensor(generated[i]) for i in g]).to(c.device) for g in groups.values()], lpips
         )
         return {
             "dino": round(mean_pairwise_cosine(dino_gen[rows], dino_ref), 6),

@@ -15,9 +15,9 @@ import logging
 
 from tqdm import tqdm
 
-from posebooth import config, embedded, outputs, priors
+from posebooth import config, outputs, priors
 from posebooth.generation import chunks, generate
-from posebooth.models import load_components, sd_pipeline
+from posebooth.models import load_components, sd_pipeline, weights_fingerprint
 from posebooth.prepare import prepare_folder
 
 log = logging.getLogger("generate_class_priors")
@@ -47,7 +47,7 @@ def main() -> None:
         else:
             seeds = [c.seed * 1_000_000 + i for i in range(g.num_class_images)]
             key = priors.cache_key(
-                model=embedded.resolve(c.model), prompt=prompt, negative_prompt=g.negative_prompt,
+                model=weights_fingerprint(c.model), prompt=prompt, negative_prompt=g.negative_prompt,
                 resolution=c.resolution, steps=g.steps, guidance_scale=g.guidance_scale, scheduler=g.scheduler,
                 precision=c.precision,
             )  # fmt: skip

@@ -1,6 +1,7 @@
 """sample: the subject in the target poses, from the stage-1 LoRA plus the stage-2 ControlNet.
 
-Reads:  params common.*, sample.*; models/stage1, models/stage2, the target pose files in sample.poses.
+Reads:  params common.*, sample.*, extract_poses.render_size; models/stage1, models/stage2, the target
+        pose files in sample.poses (under data/target_poses).
 Writes: samples/ (images/*.png, poses/*.png, index.json saying what produced each image),
         plots/sample_grid.png (a labelled contact sheet: one row per prompt and pose, one column per seed).
 """
@@ -17,7 +18,7 @@ from posebooth import config, outputs
 from posebooth.generation import generate
 from posebooth.grid import contact_sheet
 from posebooth.models import load_components, trained_pipelines
-from posebooth.poses import load_pose, render_pose
+from posebooth.poses import load_target_poses, render_pose
 
 log = logging.getLogger("sample")
 
@@ -28,11 +29,12 @@ def main() -> None:
     ap.add_argument("--stage2", default="models/stage2")
     ap.add_argument("--out", default="samples")
     ap.add_argument("--grid", default="plots/sample_grid.png")
+    ap.add_argument("--target-poses", default="data/target_poses")
     args = ap.parse_args()
-    cfg = config.load(["common", "sample"])
+    cfg = config.load(["common", "sample", "extract_poses"])
     c, s = cfg.common, cfg.sample
     outputs.seed_everything(c.seed)
-    poses = {Path(p).stem: load_pose(Path(p)) for p in s.poses}  # validated before any model loads
+    poses = load_target_poses(s.poses, args.target_poses)  # validated before any model loads
 
     comp = load_components(c.model, c.device, c.precision)
     posed, free = trained_pipelines(comp, args.stage1, args.stage2, s.scheduler, c.device, c.precision, s.cpu_offload)
@@ -43,7 +45,8 @@ def main() -> None:
     with outputs.atomic_dir(args.out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "poses").mkdir()
-        pose_maps = {name: render_pose(pose, c.resolution) for name, pose in poses.items()}
+        # Drawn like the training pose maps (same stick width relative to the image).
+        pose_maps = {name: render_pose(p, c.resolution, cfg.extract_poses.render_size) for name, p in poses.items()}
         for name, image in pose_maps.items():
             image.save(tmp / "poses" / f"{name}.png")
         for j, (template, pose_name) in enumerate(tqdm(jobs, desc="sample", unit="row")):

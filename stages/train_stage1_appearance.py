@@ -15,11 +15,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import config, data, outputs, provenance
-from posebooth.diffusion import add_noise, diffusion_target, prior_preservation_loss
+from posebooth import config, data, outputs, provenance, training
+from posebooth.diffusion import add_noise, diffusion_target, min_snr_weights, prior_preservation_loss
 from posebooth.lora import add_unet_lora, save_unet_lora
 from posebooth.models import encode_images, encode_prompts, load_components
-from posebooth.training import StepLog, autocast, make_optimizer, sample_indices
+from posebooth.training import StepLog, sample_indices
 
 log = logging.getLogger("train_stage1_appearance")
 
@@ -47,8 +47,10 @@ def main() -> None:
 
     comp = load_components(c.model, c.device, c.precision)
     unet, scheduler = comp.unet, comp.noise_scheduler
-    # The VAE and text encoder are frozen and there is no augmentation: encode once, not every step.
+    # The VAE and text encoder are frozen: latents are encoded once per image and augmentation variant
+    # (as is and mirrored), prompt embeddings once, not at every step.
     instance_latents = encode_images(comp.vae, instance_pixels)  # (N, 4, R/8, R/8)
+    flipped_latents = encode_images(comp.vae, instance_pixels.flip(-1)) if t.flip_prob > 0 else None
     class_latents = encode_images(comp.vae, class_pixels) if with_prior else None
     prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c)]
     instance_emb, class_emb = encode_prompts(comp.tokenizer, comp.text_encoder, prompts).chunk(2)  # (1, 77, D) each
@@ -56,38 +58,46 @@ def main() -> None:
              prompts[0], prompts[1], len(instance_latents), len(class_pixels))  # fmt: skip
 
     params = add_unet_lora(unet, t.rank, t.alpha, t.target_modules)
-    optimizer = make_optimizer(params, t.lr, t.weight_decay)
+    accelerator, unet, optimizer, lr_scheduler = training.prepare(unet, params, t, c.device, c.precision)
     unet.train()
+    b = t.batch_size
     steplog = StepLog(args.metrics, args.plots)
     start = time.perf_counter()
     try:
         for _step in tqdm(range(t.steps), desc="stage 1", unit="step"):
-            idx = sample_indices(len(instance_latents), t.batch_size, generator)
-            latents = instance_latents[idx]  # (B, 4, h, w)
-            encoder_hidden_states = instance_emb.expand(t.batch_size, -1, -1)  # (B, 77, D)
-            if with_prior:  # instance half first, then the class half: (2B, ...)
-                cidx = sample_indices(len(class_latents), t.batch_size, generator)
-                latents = torch.cat([latents, class_latents[cidx]])
-                encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(t.batch_size, -1, -1)])
-            noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator)
-            with autocast(c.device, c.precision):
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-            target = diffusion_target(scheduler, latents, noise, timesteps)
-            loss, instance_loss, prior_loss = prior_preservation_loss(
-                model_pred, target, t.prior_loss_weight, with_prior
-            )
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            steplog.log(loss=loss.item(), instance_loss=instance_loss.item(), prior_loss=prior_loss.item(),
-                        grad_norm=grad_norm.item())  # fmt: skip
+            totals = torch.zeros(3)
+            for _micro in range(t.gradient_accumulation_steps):
+                with accelerator.accumulate(unet):
+                    idx = sample_indices(len(instance_latents), b, generator)
+                    latents = instance_latents[idx]  # (B, 4, h, w)
+                    if flipped_latents is not None:
+                        flip = (torch.rand(b, generator=generator) < t.flip_prob).view(-1, 1, 1, 1)
+                        latents = torch.where(flip, flipped_latents[idx], latents)
+                    encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
+                    if with_prior:  # instance half first, then the class half: (2B, ...)
+                        cidx = sample_indices(len(class_latents), b, generator)
+                        latents = torch.cat([latents, class_latents[cidx]])
+                        encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
+                    noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator, t.noise_offset)
+                    with accelerator.autocast():
+                        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                    target = diffusion_target(scheduler, latents, noise, timesteps)
+                    weights = min_snr_weights(scheduler, timesteps, t.snr_gamma) if t.snr_gamma > 0 else None
+                    loss, instance_loss, prior_loss = prior_preservation_loss(
+                        model_pred, target, t.prior_loss_weight, with_prior, weights
+                    )
+                    grad_norm = training.backward_and_step(
+                        accelerator, loss, params, optimizer, lr_scheduler, t.max_grad_norm
+                    )
+                    totals += torch.tensor([loss.item(), instance_loss.item(), prior_loss.item()])
+            loss_avg, instance_avg, prior_avg = (totals / t.gradient_accumulation_steps).tolist()
+            steplog.log(loss=loss_avg, instance_loss=instance_avg, prior_loss=prior_avg,
+                        grad_norm=grad_norm.item(), lr=lr_scheduler.get_last_lr()[0])  # fmt: skip
         if not torch.isfinite(loss):
             raise ValueError(f"stage 1 diverged: final loss {loss.item()}; lower train.lr ({t.lr})")
         steplog.summary(steps=t.steps, trainable_params=sum(p.numel() for p in params))
         with outputs.atomic_dir(args.out) as tmp:
-            save_unet_lora(unet, tmp)
+            save_unet_lora(accelerator.unwrap_model(unet), tmp)
             outputs.write_json(tmp / "provenance.json", provenance.provenance(
                 cfg.as_dict(), base_model=c.model, method="lora", trigger=prompts[0],
             ))  # fmt: skip

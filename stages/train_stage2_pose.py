@@ -18,11 +18,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import config, data, outputs, provenance
-from posebooth.diffusion import add_noise, diffusion_target, prior_preservation_loss
+from posebooth import config, data, outputs, provenance, training
+from posebooth.diffusion import add_noise, diffusion_target, min_snr_weights, prior_preservation_loss
 from posebooth.lora import load_unet_lora
 from posebooth.models import encode_images, encode_prompts, load_components, load_controlnet
-from posebooth.training import StepLog, autocast, make_optimizer, sample_indices
+from posebooth.training import StepLog, sample_indices
 
 log = logging.getLogger("train_stage2_pose")
 
@@ -67,51 +67,57 @@ def main() -> None:
              len(names), len(class_names) if with_prior else 0, prompts[0], t.empty_prompt_prob)  # fmt: skip
 
     controlnet.requires_grad_(True)
-    controlnet.train()
     params = [p for p in controlnet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, t.lr, weight_decay=0.0)
+    accelerator, controlnet, optimizer, lr_scheduler = training.prepare(controlnet, params, t, c.device, c.precision)
+    controlnet.train()
+    b = t.batch_size
     steplog = StepLog(args.metrics, args.plots)
     start = time.perf_counter()
-    b = t.batch_size
     try:
         for _step in tqdm(range(t.steps), desc="stage 2", unit="step"):
-            idx = sample_indices(len(latents_all), b, generator)
-            latents, controlnet_cond = latents_all[idx], conds[idx]  # (B, 4, h, w), (B, 3, R, R)
-            encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
-            if with_prior:  # instance half first, then (class image, its pose, class prompt): (2B, ...)
-                cidx = sample_indices(len(class_latents), b, generator)
-                latents = torch.cat([latents, class_latents[cidx]])
-                controlnet_cond = torch.cat([controlnet_cond, class_conds[cidx]])
-                encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
-            # Empty-prompt dropout (diffusers' train_controlnet): the pose alone must carry the layout.
-            drop = (torch.rand(len(latents), generator=generator) < t.empty_prompt_prob).view(-1, 1, 1)
-            encoder_hidden_states = torch.where(drop, empty_emb, encoder_hidden_states)
-            noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator)
-            with autocast(c.device, c.precision):
-                down_res, mid_res = controlnet(
-                    noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                    controlnet_cond=controlnet_cond, return_dict=False,
-                )  # fmt: skip
-                model_pred = unet(
-                    noisy_latents, timesteps, encoder_hidden_states,
-                    down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res,
-                ).sample  # fmt: skip
-            target = diffusion_target(scheduler, latents, noise, timesteps)
-            loss, instance_loss, prior_loss = prior_preservation_loss(
-                model_pred, target, t.prior_loss_weight, with_prior
-            )
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            steplog.log(loss=loss.item(), instance_loss=instance_loss.item(), prior_loss=prior_loss.item(),
-                        grad_norm=grad_norm.item())  # fmt: skip
+            totals = torch.zeros(3)
+            for _micro in range(t.gradient_accumulation_steps):
+                with accelerator.accumulate(controlnet):
+                    idx = sample_indices(len(latents_all), b, generator)
+                    latents, controlnet_cond = latents_all[idx], conds[idx]  # (B, 4, h, w), (B, 3, R, R)
+                    encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
+                    if with_prior:  # instance half first, then (class image, its pose, class prompt): (2B, ...)
+                        cidx = sample_indices(len(class_latents), b, generator)
+                        latents = torch.cat([latents, class_latents[cidx]])
+                        controlnet_cond = torch.cat([controlnet_cond, class_conds[cidx]])
+                        encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
+                    # Empty-prompt dropout (diffusers' train_controlnet): the pose alone must carry the layout.
+                    drop = torch.rand(len(latents), generator=generator) < t.empty_prompt_prob
+                    encoder_hidden_states = torch.where(
+                        drop.view(-1, 1, 1).to(c.device), empty_emb, encoder_hidden_states
+                    )
+                    noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator, t.noise_offset)
+                    with accelerator.autocast():
+                        down_res, mid_res = controlnet(
+                            noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                            controlnet_cond=controlnet_cond, return_dict=False,
+                        )  # fmt: skip
+                        model_pred = unet(
+                            noisy_latents, timesteps, encoder_hidden_states,
+                            down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res,
+                        ).sample  # fmt: skip
+                    target = diffusion_target(scheduler, latents, noise, timesteps)
+                    weights = min_snr_weights(scheduler, timesteps, t.snr_gamma) if t.snr_gamma > 0 else None
+                    loss, instance_loss, prior_loss = prior_preservation_loss(
+                        model_pred, target, t.prior_loss_weight, with_prior, weights
+                    )
+                    grad_norm = training.backward_and_step(
+                        accelerator, loss, params, optimizer, lr_scheduler, t.max_grad_norm
+                    )
+                    totals += torch.tensor([loss.item(), instance_loss.item(), prior_loss.item()])
+            loss_avg, instance_avg, prior_avg = (totals / t.gradient_accumulation_steps).tolist()
+            steplog.log(loss=loss_avg, instance_loss=instance_avg, prior_loss=prior_avg,
+                        grad_norm=grad_norm.item(), lr=lr_scheduler.get_last_lr()[0])  # fmt: skip
         if not torch.isfinite(loss):
             raise ValueError(f"stage 2 diverged: final loss {loss.item()}; lower train_pose.lr ({t.lr})")
         steplog.summary(steps=t.steps, pairs=len(names), class_pairs=len(class_names) if with_prior else 0)
         with outputs.atomic_dir(args.out) as tmp:
-            controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
+            accelerator.unwrap_model(controlnet).save_pretrained(tmp / "controlnet", safe_serialization=True)
             outputs.write_json(tmp / "provenance.json", provenance.provenance(
                 cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
                 stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],

@@ -45,3 +45,16 @@ def tiny_sd(offline_env) -> str:
     from posebooth import embedded
 
     return embedded.resolve("embedded:tiny-sd15")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one global state per process; each test may want other precision settings."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

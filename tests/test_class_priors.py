@@ -10,7 +10,8 @@ import sys
 import pytest
 import yaml
 
-from posebooth import config, embedded, priors
+from posebooth import config, priors
+from posebooth.models import weights_fingerprint
 from tests.conftest import ROOT
 from tests.profile import apply_profile
 
@@ -41,7 +42,7 @@ def cache_folder(workdir):
     cfg = config.load(["common", "generate_class_priors"], workdir / "params.yaml")
     c, g = cfg.common, cfg.generate_class_priors
     key = priors.cache_key(
-        model=embedded.resolve(c.model), prompt=config.fill(c.class_prompt, c), negative_prompt=g.negative_prompt,
+        model=weights_fingerprint(c.model), prompt=config.fill(c.class_prompt, c), negative_prompt=g.negative_prompt,
         resolution=c.resolution, steps=g.steps, guidance_scale=g.guidance_scale, scheduler=g.scheduler,
         precision=c.precision,
     )  # fmt: skip

@@ -83,7 +83,12 @@ def test_openpose_from_a_local_folder_runs_offline(random_openpose_weights):
 
 
 def test_openpose_offline_fails_within_seconds_naming_the_weights(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # even without the flag: the Hub does not answer here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # even without the flag, when the Hub does not answer
+
+    def refuse(*args, **kwargs):
+        raise OSError("connection refused (test)")
+
+    monkeypatch.setattr(hub.socket, "create_connection", refuse)
     hub.hub_reachable.cache_clear()
     start = time.monotonic()
     with pytest.raises(

@@ -72,6 +72,8 @@ def test_hub_id_offline_fails_fast_and_clearly(offline_env, monkeypatch, offline
     """With HF_HUB_OFFLINE, or with a Hub that does not answer, the error comes at once and says what to do."""
     monkeypatch.setenv("HF_HUB_OFFLINE", offline_flag)
     hub.hub_reachable.cache_clear()
+    if not offline_flag:  # a Hub that does not answer (also on a machine that has the network)
+        monkeypatch.setattr(hub.socket, "create_connection", _refuse)
     start = time.monotonic()
     with pytest.raises(OSError, match=r"base model 'nobody/no-such-model' is not on this machine.*hf download"):
         load_components("nobody/no-such-model")
@@ -79,6 +81,10 @@ def test_hub_id_offline_fails_fast_and_clearly(offline_env, monkeypatch, offline
     with pytest.raises(OSError, match=r"ControlNet 'nobody/cn' is not on this machine"):
         load_controlnet("nobody/cn")
     hub.hub_reachable.cache_clear()
+
+
+def _refuse(*args, **kwargs):
+    raise OSError("connection refused (test)")
 
 
 def test_local_folder_without_model(tmp_path):

@@ -7,6 +7,7 @@ key, a second `dvc repro` that does nothing, and a sampling-only experiment that
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -145,6 +146,22 @@ def test_second_repro_is_a_no_op(repo):
     assert "Data and pipelines are up to date" in again.stdout
     status = run(["dvc", "status", "--json"], root)
     assert json.loads(status.stdout) == {}
+
+
+def test_same_seed_same_weights_and_images(repo):
+    """Forced re-runs of stage 1 and of sampling give bit-identical LoRA weights and images on CPU."""
+    root, _ = repo
+
+    def digest(paths):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+    lora = [root / "models/stage1/pytorch_lora_weights.safetensors"]
+    images = sorted((root / "samples/images").glob("*.png"))
+    before = digest(lora + images)
+    for stage in ("train_stage1_appearance", "sample"):
+        run(["dvc", "repro", "-f", "-s", stage], root)
+    assert digest(lora + images) == before
+    assert json.loads(run(["dvc", "status", "--json"], root).stdout) == {}
 
 
 def test_sampling_knob_reruns_only_sample_and_evaluate(repo):

@@ -72,3 +72,30 @@ def test_sample_poses_are_valid():
     for path in paths:
         pose = load_pose(path)
         assert pose.visible.sum() == len(KEYPOINT_NAMES), path
+
+
+def test_non_square_poses_are_letterboxed_not_stretched():
+    from posebooth.poses import fit_square
+
+    kp = np.zeros((18, 3))
+    kp[0] = [100, 25, 1]  # right edge of a 100 x 50 canvas, half-way down
+    kp[1] = [0, 0, 1]
+    square = fit_square(Pose(100, 50, kp), 64)
+    assert square.keypoints[0].tolist() == [64.0, 32.0, 1.0]  # scale 0.64, 16 px bands above and below
+    assert square.keypoints[1].tolist() == [0.0, 16.0, 1.0]
+    img = np.asarray(render_pose(Pose(100, 50, kp), 64, 256))
+    assert img[:10].max() == 0 and img[-10:].max() == 0  # nothing drawn in the letterbox bands
+
+
+def test_target_poses_must_live_in_the_tracked_folder_with_distinct_names(tmp_path):
+    from posebooth.poses import load_target_poses
+
+    folder = ROOT / "data" / "target_poses"
+    poses = load_target_poses([str(folder / "wave.json"), str(folder / "t_pose.json")], folder)
+    assert list(poses) == ["wave", "t_pose"]
+    with pytest.raises(PoseError, match=r"two poses are named 'wave'"):
+        load_target_poses([str(folder / "wave.json"), str(folder / "wave.json")], folder)
+    elsewhere = tmp_path / "mine.json"
+    elsewhere.write_text((folder / "wave.json").read_text())
+    with pytest.raises(PoseError, match=r"sample.poses: .*mine.json must lie in target_poses/"):
+        load_target_poses([str(elsewhere)], folder)
