@@ -102,6 +102,7 @@ class Optimisation:
     gradient_checkpointing: bool
     snr_gamma: float = _nonneg()  # min-SNR-γ loss weighting; 0 = off (5.0 is the paper's choice)
     noise_offset: float = _nonneg()  # offset noise; 0 = off
+    checkpoint_every: int = _nonneg()  # optimizer steps between resumable checkpoints; 0 = none
 
 
 @dataclass(frozen=True)

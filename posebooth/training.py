@@ -70,19 +70,25 @@ class StepLog:
     and its ``plots/metrics/*.tsv`` become ``plots_dir``.
     """
 
-    def __init__(self, metrics_path: str | Path, plots_dir: str | Path):
+    def __init__(self, metrics_path: str | Path, plots_dir: str | Path, history: list[dict] | None = None):
+        """``history``: the values of steps already trained (from a checkpoint), logged again first."""
         from dvclive import Live
 
         self.metrics_path, self.plots_dir = Path(metrics_path), Path(plots_dir)
         self.plots_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=".dvclive-", dir=self.plots_dir.parent))
         self.live = Live(str(self.tmp), dvcyaml=False, save_dvc_exp=False, report=None)
+        self.history: list[dict] = []
+        for values in history or []:
+            self.log(**values)
 
     def log(self, **values: float) -> None:
         """Log one step's values (plotted) and advance the step."""
+        values = {k: float(v) for k, v in values.items()}
         for k, v in values.items():
-            self.live.log_metric(k, float(v))
+            self.live.log_metric(k, v)
         self.live.next_step()
+        self.history.append(values)
 
     def summary(self, **values) -> None:
         """Values for the metrics file only (not plotted)."""

@@ -18,10 +18,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import config, data, outputs, provenance, training
+from posebooth import checkpoints, config, data, outputs, provenance, training
 from posebooth.diffusion import add_noise, diffusion_target, min_snr_weights, prior_preservation_loss
 from posebooth.lora import load_unet_lora
-from posebooth.models import encode_images, encode_prompts, load_components, load_controlnet
+from posebooth.models import encode_images, encode_prompts, load_components, load_controlnet, weights_fingerprint
 from posebooth.training import StepLog, sample_indices
 
 log = logging.getLogger("train_stage2_pose")
@@ -71,10 +71,23 @@ def main() -> None:
     accelerator, controlnet, optimizer, lr_scheduler = training.prepare(controlnet, params, t, c.device, c.precision)
     controlnet.train()
     b = t.batch_size
-    steplog = StepLog(args.metrics, args.plots)
+    # Resumable: the whole training state is checkpointed outside the outputs (see posebooth/checkpoints.py).
+    trainable = {n: p for n, p in accelerator.unwrap_model(controlnet).named_parameters() if p.requires_grad}
+    ckpt = checkpoints.checkpoint_dir(
+        "train_stage2_pose",
+        checkpoints.fingerprint(
+            cfg.as_dict() | {"model": weights_fingerprint(c.model)},
+            [args.prepared, args.class_priors, args.poses, args.stage1],
+        ),
+    )
+    first, history = 0, []
+    if (ckpt / "state.json").exists():
+        first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator)
+        log.info("resuming from the checkpoint after step %d in %s", first, ckpt)
+    steplog = StepLog(args.metrics, args.plots, history)
     start = time.perf_counter()
     try:
-        for _step in tqdm(range(t.steps), desc="stage 2", unit="step"):
+        for step in tqdm(range(first, t.steps), desc="stage 2", unit="step", initial=first, total=t.steps):
             totals = torch.zeros(3)
             for _micro in range(t.gradient_accumulation_steps):
                 with accelerator.accumulate(controlnet):
@@ -113,6 +126,8 @@ def main() -> None:
             loss_avg, instance_avg, prior_avg = (totals / t.gradient_accumulation_steps).tolist()
             steplog.log(loss=loss_avg, instance_loss=instance_avg, prior_loss=prior_avg,
                         grad_norm=grad_norm.item(), lr=lr_scheduler.get_last_lr()[0])  # fmt: skip
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+                checkpoints.save(ckpt, step + 1, trainable, optimizer, lr_scheduler, generator, steplog.history)
         if not torch.isfinite(loss):
             raise ValueError(f"stage 2 diverged: final loss {loss.item()}; lower train_pose.lr ({t.lr})")
         steplog.summary(steps=t.steps, pairs=len(names), class_pairs=len(class_names) if with_prior else 0)
@@ -124,6 +139,7 @@ def main() -> None:
             ))  # fmt: skip
             (tmp / "README.md").write_text(provenance.stage2_card(c.model, prompts[0]))
         steplog.close()
+        checkpoints.remove(ckpt)
     except BaseException:
         steplog.abort()
         raise

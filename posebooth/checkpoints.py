@@ -1,0 +1,94 @@
+"""Training checkpoints outside the stage's DVC outputs, so an interrupted stage resumes when re-run.
+
+DVC deletes a stage's outputs before it runs the stage again, so checkpoints live in
+``$POSEBOOTH_CACHE/checkpoints/<stage>/<key>/``, where the key hashes the stage's params and the bytes
+of its inputs: a checkpoint is only ever resumed by the same training. A checkpoint holds the whole
+state (trainable weights, optimizer state, lr-scheduler state, the training RNG, the step) as
+safetensors and JSON, nothing pickled; it is written atomically and removed once training completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from posebooth import embedded, outputs
+
+
+def fingerprint(params: dict, inputs: list[str | Path]) -> str:
+    """A key for ``params`` (plain data) and the contents of the files under ``inputs``."""
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for root in inputs:
+        files = [Path(root)] if Path(root).is_file() else sorted(p for p in Path(root).rglob("*") if p.is_file())
+        for f in files:
+            h.update(str(f.relative_to(root) if f != Path(root) else f.name).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def checkpoint_dir(stage: str, key: str) -> Path:
+    return embedded.cache_root().parent / "checkpoints" / stage / key
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer ``state_dict`` as (tensors for safetensors, everything else for JSON)."""
+    tensors, scalars = {}, {}
+    for idx, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save(
+    folder: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler, generator, history: list
+) -> None:
+    """Write the whole training state after ``step`` optimizer steps (with the logged ``history`` of
+    per-step values, so the loss curve survives too), replacing any older checkpoint."""
+    from safetensors.torch import save_file
+
+    opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
+    with outputs.atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+        save_file({"generator": generator.get_state()}, str(tmp / "rng.safetensors"))
+        outputs.write_json(tmp / "state.json", {
+            "step": step, "optimizer": opt_rest, "lr_scheduler": lr_scheduler.state_dict(), "history": history,
+        })  # fmt: skip
+
+
+def load(folder: Path, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler, generator) -> tuple[int, list]:
+    """Restore a checkpoint into the live objects; returns (optimizer steps already done, logged history)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "trainable.safetensors"))
+    if set(weights) != set(trainable):
+        raise ValueError(f"{folder}: the checkpoint's weights do not match this training; delete the folder")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(weights[name])
+    state = json.loads((folder / "state.json").read_text())
+    opt_tensors = {k: v for k, v in load_file(str(folder / "optimizer.safetensors")).items() if k != "_empty"}
+    optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    generator.set_state(load_file(str(folder / "rng.safetensors"))["generator"])
+    return int(state["step"]), state["history"]
+
+
+def remove(folder: Path) -> None:
+    """Drop a finished training's checkpoint."""
+    shutil.rmtree(folder, ignore_errors=True)

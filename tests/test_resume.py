@@ -1,0 +1,70 @@
+"""A training stage killed with SIGKILL resumes from its last checkpoint and ends bit-identical."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT
+from tests.profile import apply_profile
+
+STAGE = "stages.train_stage1_appearance"
+
+
+def _start(cwd: Path, out: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", STAGE, "--out", f"models/{out}", "--metrics", f"{out}.json", "--plots", f"plots_{out}"]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sigkilled_training_resumes_to_identical_weights(tmp_path, monkeypatch):
+    from stages import generate_class_priors, prepare_images
+
+    shutil.copytree(ROOT / "data" / "subject", tmp_path / "data" / "subject")
+    params = apply_profile(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params["common"]["seed"] = 31337
+    params["train"].update(steps=60, checkpoint_every=5, gradient_accumulation_steps=2, flip_prob=0.5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    for stage in (prepare_images, generate_class_priors):
+        monkeypatch.setattr(sys, "argv", [stage.__name__])
+        stage.main()
+    ckpt_root = Path(os.environ["POSEBOOTH_CACHE"]) / "checkpoints" / "train_stage1_appearance"
+
+    full = _start(tmp_path, "a")
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+    assert not list(ckpt_root.glob("*/state.json")), "a finished training leaves no checkpoint behind"
+
+    killed = _start(tmp_path, "b")
+    deadline = time.monotonic() + 600
+    while not list(ckpt_root.glob("*/state.json")):
+        assert killed.poll() is None, "finished before its first checkpoint: make the run longer"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)  # the whole process group, as a stopped `dvc` would leave it
+    killed.wait(timeout=60)
+    assert not (tmp_path / "models" / "b").exists() and not (tmp_path / "b.json").exists()  # nothing half-written
+    step = json.loads(next(ckpt_root.glob("*/state.json")).read_text())["step"]
+    assert 5 <= step < 60
+
+    resumed = _start(tmp_path, "b")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert f"resuming from the checkpoint after step {step}" in resumed.stderr.read()
+    lora = "pytorch_lora_weights.safetensors"
+    assert _sha(tmp_path / "models/a" / lora) == _sha(tmp_path / "models/b" / lora)
+    assert (tmp_path / "plots_a/loss.tsv").read_text() == (tmp_path / "plots_b/loss.tsv").read_text()
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
