@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -127,3 +128,40 @@ def backward_and_step(accelerator, loss, params: list, optimizer, lr_scheduler, 
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def loss_and_step(
+    accelerator,
+    noise_scheduler,
+    model_pred,
+    latents,
+    noise,
+    timesteps,
+    with_prior: bool,
+    t,
+    params,
+    optimizer,
+    lr_scheduler,
+):
+    """The DreamBooth loss of one micro-batch (min-SNR-weighted if ``t.snr_gamma``), backward, and the
+    optimizer step when the accumulation is complete. Returns ``(losses (3,), grad_norm or None)`` where
+    losses are (total, instance, prior)."""
+    from posebooth.diffusion import diffusion_target, min_snr_weights, prior_preservation_loss
+
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    weights = min_snr_weights(noise_scheduler, timesteps, t.snr_gamma) if t.snr_gamma > 0 else None
+    losses = prior_preservation_loss(model_pred, target, t.prior_loss_weight, with_prior, weights)
+    grad_norm = backward_and_step(accelerator, losses[0], params, optimizer, lr_scheduler, t.max_grad_norm)
+    return torch.tensor([x.item() for x in losses]), grad_norm
+
+
+def end_of_step(steplog: StepLog, step: int, totals: torch.Tensor, grad_norm, lr_scheduler, t, save_checkpoint) -> None:
+    """Log one optimizer step's mean losses, gradient norm and learning rate; checkpoint every
+    ``t.checkpoint_every`` steps (not after the last: the stage's outputs follow at once)."""
+    total, instance, prior = (totals / t.gradient_accumulation_steps).tolist()
+    if not math.isfinite(total):
+        raise ValueError(f"training diverged at step {step}: loss {total}; lower the learning rate ({t.lr})")
+    steplog.log(loss=total, instance_loss=instance, prior_loss=prior, grad_norm=grad_norm.item(),
+                lr=lr_scheduler.get_last_lr()[0])  # fmt: skip
+    if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+        save_checkpoint(step + 1)

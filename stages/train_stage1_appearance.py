@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from posebooth import checkpoints, config, data, outputs, provenance, training
-from posebooth.diffusion import add_noise, diffusion_target, min_snr_weights, prior_preservation_loss
+from posebooth.diffusion import add_noise
 from posebooth.lora import add_unet_lora, save_unet_lora
 from posebooth.models import encode_images, encode_prompts, load_components, weights_fingerprint
 from posebooth.training import StepLog, sample_indices
@@ -93,22 +93,13 @@ def main() -> None:
                     noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator, t.noise_offset)
                     with accelerator.autocast():
                         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-                    target = diffusion_target(scheduler, latents, noise, timesteps)
-                    weights = min_snr_weights(scheduler, timesteps, t.snr_gamma) if t.snr_gamma > 0 else None
-                    loss, instance_loss, prior_loss = prior_preservation_loss(
-                        model_pred, target, t.prior_loss_weight, with_prior, weights
-                    )
-                    grad_norm = training.backward_and_step(
-                        accelerator, loss, params, optimizer, lr_scheduler, t.max_grad_norm
-                    )
-                    totals += torch.tensor([loss.item(), instance_loss.item(), prior_loss.item()])
-            loss_avg, instance_avg, prior_avg = (totals / t.gradient_accumulation_steps).tolist()
-            steplog.log(loss=loss_avg, instance_loss=instance_avg, prior_loss=prior_avg,
-                        grad_norm=grad_norm.item(), lr=lr_scheduler.get_last_lr()[0])  # fmt: skip
-            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-                checkpoints.save(ckpt, step + 1, trainable, optimizer, lr_scheduler, generator, steplog.history)
-        if not torch.isfinite(loss):
-            raise ValueError(f"stage 1 diverged: final loss {loss.item()}; lower train.lr ({t.lr})")
+                    step_losses, grad_norm = training.loss_and_step(
+                        accelerator, scheduler, model_pred, latents, noise, timesteps, with_prior, t,
+                        params, optimizer, lr_scheduler,
+                    )  # fmt: skip
+                    totals += step_losses
+            training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, lambda done: checkpoints.save(
+                ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history))  # fmt: skip
         steplog.summary(steps=t.steps, trainable_params=sum(p.numel() for p in params))
         with outputs.atomic_dir(args.out) as tmp:
             save_unet_lora(accelerator.unwrap_model(unet), tmp)
