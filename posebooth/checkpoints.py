@@ -55,10 +55,17 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def save(
-    folder: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler, generator, history: list
+    folder: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer,
+    lr_scheduler,
+    generator,
+    history: list,
+    images: Path | None = None,
 ) -> None:
     """Write the whole training state after ``step`` optimizer steps (with the logged ``history`` of
-    per-step values, so the loss curve survives too), replacing any older checkpoint."""
+    per-step values and the ``images`` logged so far, so the plots survive too), replacing any older one."""
     from safetensors.torch import save_file
 
     opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
@@ -66,6 +73,8 @@ def save(
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
         save_file({"generator": generator.get_state()}, str(tmp / "rng.safetensors"))
+        if images is not None and images.is_dir():
+            shutil.copytree(images, tmp / "images")
         outputs.write_json(tmp / "state.json", {
             "step": step, "optimizer": opt_rest, "lr_scheduler": lr_scheduler.state_dict(), "history": history,
         })  # fmt: skip

@@ -37,7 +37,10 @@ def _generate(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{folder}: no trained adapters; run `dvc repro` (or `make repro`) first")
     prompt = config.fill(args.prompt, c)
     comp = load_components(c.model, c.device, c.precision)
-    posed, free = trained_pipelines(comp, args.stage1, args.stage2, scheduler, c.device, c.precision, args.cpu_offload)
+    extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
+    lora_scale = s.subject_lora_scale if args.lora_scale is None else args.lora_scale
+    posed, free = trained_pipelines(comp, args.stage1, args.stage2, scheduler, c.device, c.precision,
+                                    args.cpu_offload, lora_scale, extras)  # fmt: skip
     seeds = [args.seed + i for i in range(args.num_images)]
     kwargs = dict(
         steps=args.steps or s.steps,
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--steps", type=int, default=None, help="default: sample.steps")
     g.add_argument("--guidance", type=float, default=None, help="default: sample.guidance_scale")
     g.add_argument("--conditioning-scale", type=float, default=None, help="default: sample.conditioning_scale")
+    g.add_argument("--lora-scale", type=float, default=None, help="default: sample.subject_lora_scale")
     g.add_argument("--cpu-offload", action="store_true", help="model CPU offload (cuda)")
     g.add_argument("--stage1", default="models/stage1")
     g.add_argument("--stage2", default="models/stage2")

@@ -113,6 +113,10 @@ class Train(Optimisation):
     alpha: float = _positive()
     target_modules: list[str]
     flip_prob: float = _prob()  # horizontal flips of the instance images (latents cached per variant)
+    export_kohya: bool  # also write the LoRA in kohya's layout (AUTOMATIC1111, ComfyUI)
+    validation_every: int = _nonneg()  # optimizer steps between validation images; 0 = none
+    validation_prompts: list[str]  # templates with {identifier} and {class_noun}
+    validation_steps: int = _rng(1)  # sampling steps of a validation image
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,9 @@ class Sample:
     negative_prompt: str
     pose_free: bool
     cpu_offload: bool  # accelerate's model CPU offload for small GPUs (cuda only)
+    subject_lora_scale: float = _nonneg()  # strength of the subject's LoRA
+    extra_loras: list[str]  # further LoRAs (in data/loras/), e.g. a style, used next to the subject's
+    extra_lora_weights: list[float]  # one weight per extra LoRA
 
 
 @dataclass(frozen=True)
@@ -291,7 +298,15 @@ def _cross_checks(cfg: Config) -> None:
             raise ConfigError(f"prepare_images.pad_color: {color!r} must be three integers in [0, 255] (R, G, B)")
     if cfg.sample is not None and cfg.common is not None and cfg.sample.cpu_offload and cfg.common.device != "cuda":
         raise ConfigError("sample.cpu_offload: needs common.device: cuda (it moves models between GPU and CPU)")
+    if cfg.train is not None:
+        for i, p in enumerate(cfg.train.validation_prompts):
+            _check_template(f"train.validation_prompts[{i}]", p)
     if cfg.sample is not None:
+        if len(cfg.sample.extra_loras) != len(cfg.sample.extra_lora_weights):
+            raise ConfigError(
+                f"sample.extra_lora_weights: {len(cfg.sample.extra_lora_weights)} weight(s) for "
+                f"{len(cfg.sample.extra_loras)} LoRA(s) in sample.extra_loras; give one weight per LoRA"
+            )
         for i, p in enumerate(cfg.sample.prompts):
             _check_template(f"sample.prompts[{i}]", p)
         if not cfg.sample.prompts or not cfg.sample.seeds:

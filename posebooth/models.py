@@ -136,15 +136,39 @@ def sd_pipeline(comp: Components, scheduler_name: str, controlnet=None):
 
 
 def trained_pipelines(
-    comp: Components, stage1: str, stage2: str, scheduler: str, device: str, precision: str, cpu_offload: bool
+    comp: Components,
+    stage1: str,
+    stage2: str,
+    scheduler: str,
+    device: str,
+    precision: str,
+    cpu_offload: bool,
+    subject_scale: float = 1.0,
+    extra_loras: list[tuple[str, float]] = (),
 ):
     """``(posed, free)``: a ControlNet pipeline with the stage-2 ControlNet and a plain one, sharing the UNet
-    that carries the stage-1 LoRA (loaded the stock diffusers way, ``load_lora_weights``)."""
+    that carries the stage-1 LoRA (loaded the stock diffusers way, ``load_lora_weights``).
+
+    ``extra_loras`` are further LoRAs (a folder or a ``.safetensors`` file, for example a style) with their
+    weights, active next to the subject's LoRA, which is scaled by ``subject_scale``.
+    """
     from pathlib import Path
 
     controlnet = load_controlnet(str(Path(stage2) / "controlnet"), device=device, precision=precision)
     posed = sd_pipeline(comp, scheduler, controlnet)
-    posed.load_lora_weights(stage1)  # the LoRA goes into the UNet that both pipelines share
+    posed.load_lora_weights(stage1, adapter_name="subject")  # into the UNet that both pipelines share
+    names, weights = ["subject"], [subject_scale]
+    for i, (path, weight) in enumerate(extra_loras):
+        p = Path(path)
+        if p.is_file():
+            posed.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=f"extra_{i}")
+        elif p.is_dir():
+            posed.load_lora_weights(str(p), adapter_name=f"extra_{i}")
+        else:
+            raise FileNotFoundError(f"sample.extra_loras: {path} is neither a LoRA folder nor a .safetensors file")
+        names.append(f"extra_{i}")
+        weights.append(weight)
+    posed.set_adapters(names, weights)
     free = sd_pipeline(comp, scheduler)
     if cpu_offload:  # small GPUs: each model visits the GPU only while it runs
         # Once, on the pipeline that holds every module: the hooks it puts on the shared text encoder,

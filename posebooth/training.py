@@ -71,8 +71,15 @@ class StepLog:
     and its ``plots/metrics/*.tsv`` become ``plots_dir``.
     """
 
-    def __init__(self, metrics_path: str | Path, plots_dir: str | Path, history: list[dict] | None = None):
-        """``history``: the values of steps already trained (from a checkpoint), logged again first."""
+    def __init__(
+        self,
+        metrics_path: str | Path,
+        plots_dir: str | Path,
+        history: list[dict] | None = None,
+        images: Path | None = None,
+    ):
+        """``history``: the values of steps already trained (from a checkpoint), logged again first;
+        ``images``: a folder of images logged before (from a checkpoint), kept."""
         from dvclive import Live
 
         self.metrics_path, self.plots_dir = Path(metrics_path), Path(plots_dir)
@@ -82,6 +89,14 @@ class StepLog:
         self.history: list[dict] = []
         for values in history or []:
             self.log(**values)
+        self.images_dir = self.tmp / "plots" / "images"
+        if images is not None and images.is_dir():
+            shutil.copytree(images, self.images_dir, dirs_exist_ok=True)
+
+    def image(self, name: str, image) -> None:
+        """Log an image under ``name`` (a per-step name, e.g. ``validation/step_00040.png``, so that
+        ``dvc plots`` shows the steps side by side and VS Code / DVC Studio as a step slider)."""
+        self.live.log_image(name, image)
 
     def log(self, **values: float) -> None:
         """Log one step's values (plotted) and advance the step."""
@@ -100,6 +115,8 @@ class StepLog:
         self.live.end()
         with outputs.atomic_dir(self.plots_dir) as tmp:
             shutil.copytree(self.tmp / "plots" / "metrics", tmp, dirs_exist_ok=True)
+            if self.images_dir.is_dir():
+                shutil.copytree(self.images_dir, tmp / "images")
         os.replace(self.tmp / "metrics.json", self.metrics_path)
         shutil.rmtree(self.tmp, ignore_errors=True)
 

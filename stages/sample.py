@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--out", default="samples")
     ap.add_argument("--grid", default="plots/sample_grid.png")
     ap.add_argument("--target-poses", default="data/target_poses")
+    ap.add_argument("--loras", default="data/loras")
     args = ap.parse_args()
     cfg = config.load(["common", "sample", "extract_poses"])
     c, s = cfg.common, cfg.sample
@@ -37,7 +38,12 @@ def main() -> None:
     poses = load_target_poses(s.poses, args.target_poses)  # validated before any model loads
 
     comp = load_components(c.model, c.device, c.precision)
-    posed, free = trained_pipelines(comp, args.stage1, args.stage2, s.scheduler, c.device, c.precision, s.cpu_offload)
+    extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
+    for path, _ in extras:
+        if Path(args.loras).resolve() not in Path(path).resolve().parents:
+            raise ValueError(f"sample.extra_loras: {path} must lie in {args.loras}/ (the folder dvc.yaml tracks)")
+    posed, free = trained_pipelines(comp, args.stage1, args.stage2, s.scheduler, c.device, c.precision,
+                                    s.cpu_offload, s.subject_lora_scale, extras)  # fmt: skip
 
     jobs = [(p, None) for p in s.prompts] if s.pose_free else []
     jobs += [(p, name) for p in s.prompts for name in poses]

@@ -1,8 +1,10 @@
 """train_stage1_appearance: DreamBooth LoRA on the UNet with the class prior-preservation loss.
 
 Reads:  params common.*, train.*; data/prepared (instance images), data/class_priors (class images).
-Writes: models/stage1/ (pytorch_lora_weights.safetensors, provenance.json, README.md model card),
-        metrics/train_stage1_appearance.json, plots/train_stage1_appearance/ (loss per step).
+Writes: models/stage1/ (pytorch_lora_weights.safetensors, optionally the kohya-format file,
+        provenance.json, README.md model card),
+        metrics/train_stage1_appearance.json, plots/train_stage1_appearance/ (loss per step, and
+        validation images every train.validation_every steps under per-step names).
 Loss (Ruiz et al. 2022): mse(ε̂(x_t, c_inst), ε) + λ · mse(ε̂(x'_t, c_class), ε'), one batch of 2B.
 """
 
@@ -11,14 +13,17 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
 
 from posebooth import checkpoints, config, data, outputs, provenance, training
 from posebooth.diffusion import add_noise
-from posebooth.lora import add_unet_lora, save_unet_lora
-from posebooth.models import encode_images, encode_prompts, load_components, weights_fingerprint
+from posebooth.generation import generate
+from posebooth.identifier import check_identifier
+from posebooth.lora import KOHYA_FILE, add_unet_lora, export_kohya, save_unet_lora
+from posebooth.models import encode_images, encode_prompts, load_components, sd_pipeline, weights_fingerprint
 from posebooth.training import StepLog, sample_indices
 
 log = logging.getLogger("train_stage1_appearance")
@@ -52,6 +57,9 @@ def main() -> None:
     instance_latents = encode_images(comp.vae, instance_pixels)  # (N, 4, R/8, R/8)
     flipped_latents = encode_images(comp.vae, instance_pixels.flip(-1)) if t.flip_prob > 0 else None
     class_latents = encode_images(comp.vae, class_pixels) if with_prior else None
+    identifier = check_identifier(comp.tokenizer, c.identifier)
+    for warning in identifier["warnings"]:
+        log.warning("%s", warning)
     prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c)]
     instance_emb, class_emb = encode_prompts(comp.tokenizer, comp.text_encoder, prompts).chunk(2)  # (1, 77, D) each
     log.info("instance prompt %r, class prompt %r, %d instance / %d class images",
@@ -73,7 +81,9 @@ def main() -> None:
     if (ckpt / "state.json").exists():
         first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator)
         log.info("resuming from the checkpoint after step %d in %s", first, ckpt)
-    steplog = StepLog(args.metrics, args.plots, history)
+    steplog = StepLog(args.metrics, args.plots, history, images=ckpt / "images")
+    validation = sd_pipeline(replace(comp, unet=accelerator.unwrap_model(unet)), "ddim")  # shares the modules
+    validation_prompts = [config.fill(p, c) for p in t.validation_prompts]
     start = time.perf_counter()
     try:
         for step in tqdm(range(first, t.steps), desc="stage 1", unit="step", initial=first, total=t.steps):
@@ -98,13 +108,23 @@ def main() -> None:
                         params, optimizer, lr_scheduler,
                     )  # fmt: skip
                     totals += step_losses
+            if t.validation_every and (step + 1) % t.validation_every == 0:  # fixed seeds: comparable across steps
+                unet.eval()
+                for i, prompt in enumerate(validation_prompts):
+                    (image,) = generate(validation, prompt, [c.seed], steps=t.validation_steps, guidance_scale=5.0,
+                                        resolution=c.resolution)  # fmt: skip
+                    steplog.image(f"validation/{i}_step_{step + 1:05d}.png", image)
+                unet.train()
             training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, lambda done: checkpoints.save(
-                ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history))  # fmt: skip
-        steplog.summary(steps=t.steps, trainable_params=sum(p.numel() for p in params))
+                ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history, steplog.images_dir))  # fmt: skip
+        steplog.summary(steps=t.steps, trainable_params=sum(p.numel() for p in params),
+                        identifier_tokens=len(identifier["tokens"]))  # fmt: skip
         with outputs.atomic_dir(args.out) as tmp:
-            save_unet_lora(accelerator.unwrap_model(unet), tmp)
+            lora_file = save_unet_lora(accelerator.unwrap_model(unet), tmp)
+            if t.export_kohya:
+                export_kohya(lora_file, tmp / KOHYA_FILE, t.alpha)
             outputs.write_json(tmp / "provenance.json", provenance.provenance(
-                cfg.as_dict(), base_model=c.model, method="lora", trigger=prompts[0],
+                cfg.as_dict(), base_model=c.model, method="lora", trigger=prompts[0], identifier_check=identifier,
             ))  # fmt: skip
             (tmp / "README.md").write_text(provenance.stage1_card(c.model, prompts[0]))
         steplog.close()

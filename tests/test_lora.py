@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -103,3 +104,74 @@ def test_bf16_step_keeps_trained_weights_in_fp32(tiny_sd):
     opt.step()
     assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
     assert all(p.dtype == torch.float32 for p in params)
+
+
+def test_kohya_export_loads_like_the_diffusers_file(tiny_sd, tmp_path):
+    """AUTOMATIC1111/ComfyUI layout: kohya keys, the trained alpha (not the rank), same images in diffusers."""
+    from safetensors.torch import load_file
+
+    from posebooth.lora import export_kohya
+
+    comp = load_components("embedded:tiny-sd15")
+    add_unet_lora(comp.unet, 4, 8.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for name, p in comp.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
+    diffusers_file = save_unet_lora(comp.unet, tmp_path)
+    kohya_file = export_kohya(diffusers_file, tmp_path / "kohya.safetensors", 8.0)
+    keys = load_file(str(kohya_file))
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert {v.item() for k, v in keys.items() if k.endswith(".alpha")} == {8.0}
+
+    def images(weight_name=None):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        if weight_name:
+            pipe.load_lora_weights(str(tmp_path), weight_name=weight_name)
+        return pipe("a photo of sks robot", num_inference_steps=2, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+
+    via_diffusers, via_kohya, without = images(LORA_FILE), images("kohya.safetensors"), images()
+    assert abs(via_diffusers - via_kohya).max() < 1e-5
+    assert abs(via_diffusers - without).max() > 1e-3
+
+
+def test_sampling_with_a_scaled_subject_lora_and_an_extra_lora(tiny_sd, tmp_path):
+    """sample's pipelines: the subject LoRA at a chosen scale, plus a second (style) LoRA with its own weight."""
+    from posebooth.models import load_controlnet, trained_pipelines
+
+    def make_lora(folder, seed):
+        comp = load_components("embedded:tiny-sd15")
+        add_unet_lora(comp.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+        with torch.no_grad():
+            for name, p in comp.unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.2, generator=torch.Generator().manual_seed(seed))
+        return save_unet_lora(comp.unet, folder)
+
+    make_lora(tmp_path / "stage1", 1)
+    style = make_lora(tmp_path / "style", 2)
+    load_controlnet("embedded:tiny-sd15-openpose").save_pretrained(tmp_path / "stage2" / "controlnet")
+
+    def image(scale, extras):
+        comp = load_components("embedded:tiny-sd15")
+        _, free = trained_pipelines(comp, str(tmp_path / "stage1"), str(tmp_path / "stage2"), "ddim", "cpu",
+                                    "fp32", False, scale, extras)  # fmt: skip
+        return free("a photo of sks robot", num_inference_steps=2, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+
+    from diffusers import DDIMScheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as sample.scheduler: ddim
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe("a photo of sks robot", num_inference_steps=2, height=32, width=32,
+                generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+    subject = image(1.0, [])
+    assert abs(image(0.0, []) - base).max() < 1e-5  # scale 0 switches the subject off
+    assert abs(subject - base).max() > 1e-3
+    assert abs(image(1.0, [(str(style), 0.0)]) - subject).max() < 1e-5  # a weight-0 extra changes nothing
+    assert abs(image(1.0, [(str(style), 1.0)]) - subject).max() > 1e-3  # the style LoRA (a file) is active
+    with pytest.raises(FileNotFoundError, match="sample.extra_loras"):
+        image(1.0, [(str(tmp_path / "nope"), 1.0)])

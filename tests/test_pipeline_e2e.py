@@ -115,6 +115,9 @@ def test_every_output(repo):
     assert (root / "plots/sample_grid.png").stat().st_size > 0
     loss = (root / "plots/train_stage1_appearance/loss.tsv").read_text().splitlines()
     assert loss[0] == "step\tloss" and len(loss) == 1 + 6
+    validation = sorted(p.name for p in (root / "plots/train_stage1_appearance/images/validation").glob("*.png"))
+    assert validation == ["0_step_00003.png", "0_step_00006.png", "1_step_00003.png", "1_step_00006.png"]
+    assert (root / "models/stage1/subject_lora_kohya.safetensors").exists()
     assert not list(root.rglob(".*.tmp-*")), "temporary outputs left behind"
 
 

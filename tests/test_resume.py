@@ -37,7 +37,8 @@ def test_sigkilled_training_resumes_to_identical_weights(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "data" / "subject", tmp_path / "data" / "subject")
     params = apply_profile(yaml.safe_load((ROOT / "params.yaml").read_text()))
     params["common"]["seed"] = 31337
-    params["train"].update(steps=60, checkpoint_every=5, gradient_accumulation_steps=2, flip_prob=0.5)
+    params["train"].update(steps=60, checkpoint_every=5, gradient_accumulation_steps=2, flip_prob=0.5,
+                           validation_every=4, validation_steps=2)  # fmt: skip
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     for stage in (prepare_images, generate_class_priors):
@@ -67,4 +68,7 @@ def test_sigkilled_training_resumes_to_identical_weights(tmp_path, monkeypatch):
     lora = "pytorch_lora_weights.safetensors"
     assert _sha(tmp_path / "models/a" / lora) == _sha(tmp_path / "models/b" / lora)
     assert (tmp_path / "plots_a/loss.tsv").read_text() == (tmp_path / "plots_b/loss.tsv").read_text()
+    images = {p.name: _sha(p) for p in (tmp_path / "plots_a/images/validation").glob("*.png")}
+    assert len(images) == 2 * 15  # every validation image, also those logged before the kill
+    assert images == {p.name: _sha(p) for p in (tmp_path / "plots_b/images/validation").glob("*.png")}
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
