@@ -114,6 +114,12 @@ class Train(Optimisation):
     target_modules: list[str]
     flip_prob: float = _prob()  # horizontal flips of the instance images (latents cached per variant)
     export_kohya: bool  # also write the LoRA in kohya's layout (AUTOMATIC1111, ComfyUI)
+    class_word_in_prompt: bool  # false: train on "a photo of sks" (prompt regularisation)
+    prompt_templates: list[
+        str
+    ]  # random training prompts ({identifier} {class_noun} or {subject}); [] = instance_prompt
+    descriptive_words: list[str]  # appended to a training prompt with descriptive_prob
+    descriptive_prob: float = _prob()
     validation_every: int = _nonneg()  # optimizer steps between validation images; 0 = none
     validation_prompts: list[str]  # templates with {identifier} and {class_noun}
     validation_steps: int = _rng(1)  # sampling steps of a validation image
@@ -301,6 +307,13 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.train is not None:
         for i, p in enumerate(cfg.train.validation_prompts):
             _check_template(f"train.validation_prompts[{i}]", p)
+        for i, p in enumerate(cfg.train.prompt_templates):
+            try:
+                p.format(identifier="x", class_noun="y", subject="x y")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ConfigError(
+                    f"train.prompt_templates[{i}]: {p!r} may use {{identifier}}, {{class_noun}}, {{subject}} ({err})"
+                ) from err
     if cfg.sample is not None:
         if len(cfg.sample.extra_loras) != len(cfg.sample.extra_lora_weights):
             raise ConfigError(

@@ -24,6 +24,7 @@ from posebooth.generation import generate
 from posebooth.identifier import check_identifier
 from posebooth.lora import KOHYA_FILE, add_unet_lora, export_kohya, save_unet_lora
 from posebooth.models import encode_images, encode_prompts, load_components, sd_pipeline, weights_fingerprint
+from posebooth.prompts import choose_variants, instance_prompts, prompt_variants
 from posebooth.training import StepLog, sample_indices
 
 log = logging.getLogger("train_stage1_appearance")
@@ -61,9 +62,14 @@ def main() -> None:
     for warning in identifier["warnings"]:
         log.warning("%s", warning)
     prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c)]
-    instance_emb, class_emb = encode_prompts(comp.tokenizer, comp.text_encoder, prompts).chunk(2)  # (1, 77, D) each
-    log.info("instance prompt %r, class prompt %r, %d instance / %d class images",
-             prompts[0], prompts[1], len(instance_latents), len(class_pixels))  # fmt: skip
+    templates = instance_prompts(
+        t.prompt_templates or [c.instance_prompt], c.identifier, c.class_noun, t.class_word_in_prompt
+    )
+    variants = prompt_variants(templates, t.descriptive_words)
+    variant_emb = encode_prompts(comp.tokenizer, comp.text_encoder, variants)  # (V, 77, D), encoded once
+    class_emb = encode_prompts(comp.tokenizer, comp.text_encoder, prompts[1:])  # (1, 77, D)
+    log.info("instance prompts %s (%d variants), class prompt %r, %d instance / %d class images",
+             templates[:3], len(variants), prompts[1], len(instance_latents), len(class_pixels))  # fmt: skip
 
     params = add_unet_lora(unet, t.rank, t.alpha, t.target_modules)
     accelerator, unet, optimizer, lr_scheduler = training.prepare(unet, params, t, c.device, c.precision)
@@ -95,7 +101,8 @@ def main() -> None:
                     if flipped_latents is not None:
                         flip = (torch.rand(b, generator=generator) < t.flip_prob).view(-1, 1, 1, 1)
                         latents = torch.where(flip, flipped_latents[idx], latents)
-                    encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
+                    chosen = choose_variants(b, len(templates), len(t.descriptive_words), t.descriptive_prob, generator)
+                    encoder_hidden_states = variant_emb[chosen]  # (B, 77, D)
                     if with_prior:  # instance half first, then the class half: (2B, ...)
                         cidx = sample_indices(len(class_latents), b, generator)
                         latents = torch.cat([latents, class_latents[cidx]])
