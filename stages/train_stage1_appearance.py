@@ -131,9 +131,9 @@ def main() -> None:
             if t.export_kohya:
                 export_kohya(lora_file, tmp / KOHYA_FILE, t.alpha)
             outputs.write_json(tmp / "provenance.json", provenance.provenance(
-                cfg.as_dict(), base_model=c.model, method="lora", trigger=prompts[0], identifier_check=identifier,
+                cfg.as_dict(), base_model=c.model, method="lora", trigger=templates[0], identifier_check=identifier,
             ))  # fmt: skip
-            (tmp / "README.md").write_text(provenance.stage1_card(c.model, prompts[0]))
+            (tmp / "README.md").write_text(provenance.stage1_card(c.model, templates[0]))
         steplog.close()
         checkpoints.remove(ckpt)
     except BaseException:

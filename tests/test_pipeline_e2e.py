@@ -101,12 +101,14 @@ def test_every_output(repo):
     ] * 4
     assert len(list((root / "data/poses/maps").glob("*.png"))) == 6
     assert (root / "models/stage1/pytorch_lora_weights.safetensors").stat().st_size > 0
-    for stage in ("stage1", "stage2"):  # provenance: params, git revision, package versions, a model card
+    # Provenance: params, git revision, package versions, a model card. The test profile trains stage 1 on
+    # random templates without the class word, so its trigger is the first of them.
+    for stage, trigger in (("stage1", "a photo of a sks"), ("stage2", "a photo of sks robot")):
         prov = json.loads((root / f"models/{stage}/provenance.json").read_text())
-        assert prov["params"]["common"]["model"] == "embedded:tiny-sd15" and prov["trigger"] == "a photo of sks robot"
+        assert prov["params"]["common"]["model"] == "embedded:tiny-sd15" and prov["trigger"] == trigger
         assert len(prov["git"]["commit"]) == 40 and prov["packages"]["diffusers"]
         card = (root / f"models/{stage}/README.md").read_text()
-        assert "embedded:tiny-sd15" in card and "a photo of sks robot" in card and "load_lora_weights" in card
+        assert "embedded:tiny-sd15" in card and trigger in card and "load_lora_weights" in card
     assert json.loads((root / "models/stage1/provenance.json").read_text())["params"]["train"]["steps"] == 6
     assert (root / "models/stage2/controlnet/diffusion_pytorch_model.safetensors").exists()
     index = json.loads((root / "samples/index.json").read_text())
