@@ -23,11 +23,16 @@ def _load_error(ref: str, err: Exception) -> OSError:
     )
 
 
-def _require(ref: str) -> str:
-    """The local path of ``ref``; a hub id not on this machine fails at once when the Hub is unreachable."""
+def _load(ref: str, model_loader, processor_loader, device: str):
+    """``(model, processor)`` of ``ref`` in eval mode on ``device``; a hub id that is not on this machine
+    fails at once when the Hub is unreachable, naming the model and how to get it."""
     if not embedded.is_embedded(ref):
         hub.require(ref, "config.json", "metric backbone")
-    return embedded.resolve(ref)
+    path = embedded.resolve(ref)
+    try:
+        return model_loader(path).eval().to(device), processor_loader(path)
+    except OSError as err:
+        raise _load_error(ref, err) from err
 
 
 def _features(out) -> torch.Tensor:
@@ -41,12 +46,9 @@ class ClipEmbedder:
     def __init__(self, ref: str, device: str = "cpu"):
         from transformers import CLIPModel, CLIPProcessor
 
-        path = _require(ref)
-        try:
-            self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval().to(device)
-            self.processor = CLIPProcessor.from_pretrained(path)
-        except OSError as err:
-            raise _load_error(ref, err) from err
+        self.model, self.processor = _load(
+            ref, lambda p: CLIPModel.from_pretrained(p, use_safetensors=True), CLIPProcessor.from_pretrained, device
+        )
         self.device = device
 
     @torch.no_grad()
@@ -68,12 +70,12 @@ class DinoEmbedder:
     def __init__(self, ref: str, device: str = "cpu"):
         from transformers import AutoImageProcessor, ViTModel
 
-        path = _require(ref)
-        try:
-            self.model = ViTModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True).eval().to(device)
-            self.processor = AutoImageProcessor.from_pretrained(path)
-        except OSError as err:
-            raise _load_error(ref, err) from err
+        self.model, self.processor = _load(
+            ref,
+            lambda p: ViTModel.from_pretrained(p, add_pooling_layer=False, use_safetensors=True),
+            AutoImageProcessor.from_pretrained,
+            device,
+        )
         self.device = device
 
     @torch.no_grad()

@@ -103,6 +103,10 @@ def _clip_tokenizer(folder: Path):
     return tok
 
 
+# The transformer size of every tiny text and vision tower (CLIP text encoder, CLIP, DINO-style ViT).
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
 def build_tiny_sd15(out: Path) -> None:
     """A tiny Stable Diffusion 1.5 architecture: 8x VAE (four blocks), cross-attention UNet, CLIP text encoder."""
     from diffusers import (
@@ -117,15 +121,7 @@ def build_tiny_sd15(out: Path) -> None:
     torch.manual_seed(SEED)
     tokenizer = _clip_tokenizer(out / "_tok")
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-        )
+        CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=32, **TINY_TOWER)
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -183,22 +179,8 @@ def build_tiny_clip(out: Path) -> None:
     torch.manual_seed(SEED + 1)
     tokenizer = _clip_tokenizer(out / "_tok")
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **TINY_TOWER),
+        vision_config=dict(image_size=32, patch_size=8, **TINY_TOWER),
         projection_dim=32,
     )
     CLIPModel(config).save_pretrained(out, safe_serialization=True)
@@ -212,8 +194,6 @@ def build_tiny_dino(out: Path) -> None:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(SEED + 2)
-    config = ViTConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )
+    config = ViTConfig(image_size=32, patch_size=8, **TINY_TOWER)
     ViTModel(config, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)

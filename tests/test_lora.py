@@ -106,19 +106,24 @@ def test_bf16_step_keeps_trained_weights_in_fp32(tiny_sd):
     assert all(p.dtype == torch.float32 for p in params)
 
 
+def _random_lora(folder, alpha: float, std: float, seed: int):
+    """A LoRA on the tiny UNet with random (non-zero) B matrices, saved to ``folder``; returns its file."""
+    comp = load_components("embedded:tiny-sd15")
+    add_unet_lora(comp.unet, 4, alpha, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for name, p in comp.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=std, generator=torch.Generator().manual_seed(seed))
+    return save_unet_lora(comp.unet, folder)
+
+
 def test_kohya_export_loads_like_the_diffusers_file(tiny_sd, tmp_path):
     """AUTOMATIC1111/ComfyUI layout: kohya keys, the trained alpha (not the rank), same images in diffusers."""
     from safetensors.torch import load_file
 
     from posebooth.lora import export_kohya
 
-    comp = load_components("embedded:tiny-sd15")
-    add_unet_lora(comp.unet, 4, 8.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    with torch.no_grad():
-        for name, p in comp.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
-    diffusers_file = save_unet_lora(comp.unet, tmp_path)
+    diffusers_file = _random_lora(tmp_path, alpha=8.0, std=0.1, seed=1)
     kohya_file = export_kohya(diffusers_file, tmp_path / "kohya.safetensors", 8.0)
     keys = load_file(str(kohya_file))
     assert all(k.startswith("lora_unet_") for k in keys)
@@ -141,17 +146,8 @@ def test_sampling_with_a_scaled_subject_lora_and_an_extra_lora(tiny_sd, tmp_path
     """sample's pipelines: the subject LoRA at a chosen scale, plus a second (style) LoRA with its own weight."""
     from posebooth.models import load_controlnet, trained_pipelines
 
-    def make_lora(folder, seed):
-        comp = load_components("embedded:tiny-sd15")
-        add_unet_lora(comp.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
-        with torch.no_grad():
-            for name, p in comp.unet.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.2, generator=torch.Generator().manual_seed(seed))
-        return save_unet_lora(comp.unet, folder)
-
-    make_lora(tmp_path / "stage1", 1)
-    style = make_lora(tmp_path / "style", 2)
+    _random_lora(tmp_path / "stage1", alpha=4.0, std=0.2, seed=1)
+    style = _random_lora(tmp_path / "style", alpha=4.0, std=0.2, seed=2)
     load_controlnet("embedded:tiny-sd15-openpose").save_pretrained(tmp_path / "stage2" / "controlnet")
 
     def image(scale, extras):
