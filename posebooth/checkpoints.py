@@ -98,6 +98,11 @@ def load(folder: Path, trainable: dict[str, torch.Tensor], optimizer, lr_schedul
     return int(state["step"]), state["history"]
 
 
+def history(folder: Path) -> list:
+    """The per-step values logged up to a checkpoint."""
+    return json.loads((folder / "state.json").read_text())["history"]
+
+
 def remove(folder: Path) -> None:
     """Drop a finished training's checkpoint."""
     shutil.rmtree(folder, ignore_errors=True)

@@ -22,6 +22,7 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from posebooth import subject
     from posebooth.generation import generate
     from posebooth.models import SCHEDULER_CLASSES, load_components, trained_pipelines
     from posebooth.poses import load_pose, render_pose
@@ -36,7 +37,7 @@ def _generate(args: argparse.Namespace) -> None:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder}: no trained adapters; run `dvc repro` (or `make repro`) first")
     prompt = config.fill(args.prompt, c)
-    comp = load_components(c.model, c.device, c.precision)
+    comp = load_components(subject.base_model(args.stage1, c.model), c.device, c.precision)  # full: stage 1's own
     extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
     lora_scale = s.subject_lora_scale if args.lora_scale is None else args.lora_scale
     posed, free = trained_pipelines(comp, args.stage1, args.stage2, scheduler, c.device, c.precision,

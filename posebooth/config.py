@@ -38,6 +38,7 @@ def _prob():
     return _rng(0.0, 1.0)
 
 
+METHODS = ("lora", "full", "custom_diffusion", "textual_inversion", "momentum_ti")
 SCHEDULERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "dpm++")
 
 
@@ -107,8 +108,19 @@ class Optimisation:
 
 @dataclass(frozen=True)
 class Train(Optimisation):
-    """Stage 1: DreamBooth LoRA on the UNet with prior preservation."""
+    """Stage 1: learn the subject's appearance (DreamBooth and its variants) with prior preservation."""
 
+    method: Literal[METHODS]  # what learns; see posebooth/methods.py
+    train_text_encoder: bool  # lora: a text-encoder LoRA too; full: fine-tune the text encoder too
+    text_encoder_lr: float = _positive()  # learning rate of the text encoder's weights (lora, full)
+    train_token_embedding: bool  # custom_diffusion: learn the identifier's embedding row too
+    new_token: bool  # add the identifier to the tokenizer as a brand-new token (row starts as the class word's)
+    ti_steps: int = _rng(1)  # momentum_ti: steps of the momentum textual inversion after the DreamBooth steps
+    ti_lr: float = _positive()  # momentum_ti: learning rate of θ (the seed project: 8e-4 x batch size)
+    momentum_gamma: float = _rng(0.0, 1.0, lo_open=True)  # momentum_ti: γ in e0 + γ(θ − e0)
+    face_loss_weight: float = _nonneg()  # extra loss weight inside the detected face box; 0 = off
+    random_crops: int = _nonneg()  # random crops cached per photo (zoom augmentation); 0 = off
+    random_crop_scale: float = _rng(0.1, 1.0)  # smallest crop side, as a fraction of the image side
     rank: int = _rng(1)
     alpha: float = _positive()
     target_modules: list[str]
@@ -314,6 +326,8 @@ def _cross_checks(cfg: Config) -> None:
                 raise ConfigError(
                     f"train.prompt_templates[{i}]: {p!r} may use {{identifier}}, {{class_noun}}, {{subject}} ({err})"
                 ) from err
+    if cfg.train is not None:
+        _check_method(cfg.train)
     if cfg.sample is not None:
         if len(cfg.sample.extra_loras) != len(cfg.sample.extra_lora_weights):
             raise ConfigError(
@@ -334,6 +348,28 @@ def _cross_checks(cfg: Config) -> None:
                 "train.prior_loss_weight > 0 needs class images: set generate_class_priors.num_class_images >= 1 "
                 "or train.prior_loss_weight: 0"
             )
+
+
+def _check_method(t: Train) -> None:
+    """Options that only mean something for some methods must not be set for others (silently ignored
+    options are how a run ends up training something else than its author thought)."""
+    if t.train_text_encoder and t.method not in ("lora", "full"):
+        raise ConfigError(f"train.train_text_encoder: true is for method lora or full, not {t.method}")
+    if t.train_token_embedding and t.method != "custom_diffusion":
+        raise ConfigError(
+            f"train.train_token_embedding: true is for method custom_diffusion, not {t.method} "
+            "(textual_inversion and momentum_ti always learn the identifier's embedding)"
+        )
+    learns_row = (
+        t.method == "textual_inversion"
+        or (t.method == "custom_diffusion" and t.train_token_embedding)
+        or (t.method == "full" and t.train_text_encoder)
+    )
+    if t.new_token and not learns_row:
+        raise ConfigError(
+            f"train.new_token: a brand-new token needs a method that learns its embedding (textual_inversion, "
+            f"custom_diffusion with train_token_embedding, full with train_text_encoder); method is {t.method}"
+        )
 
 
 def _check_template(key: str, template: str) -> None:

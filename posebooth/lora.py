@@ -28,18 +28,43 @@ def add_unet_lora(unet, rank: int, alpha: float, target_modules: list[str]) -> l
     return params
 
 
-def save_unet_lora(unet, folder: str | Path) -> Path:
-    """Write the UNet's LoRA as ``pytorch_lora_weights.safetensors`` in diffusers' key layout, with its config."""
-    from diffusers import StableDiffusionPipeline
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' DreamBooth LoRA scripts
+
+
+def add_text_encoder_lora(text_encoder, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """A LoRA on the text encoder's attention projections (its own weights stay frozen)."""
+    from peft import LoraConfig
+
+    text_encoder.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS)
+    text_encoder.add_adapter(config)
+    params = [p for p in text_encoder.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def _layers_and_metadata(model) -> tuple[dict, dict]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
     # PEFT keeps target_modules as a set, whose order changes from process to process: sort it, so that
     # the same training gives the same file, byte for byte.
-    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config["default"].to_dict().items()}
+    config = model.peft_config["default"].to_dict()
+    return layers, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save_unet_lora(unet, folder: str | Path, text_encoder=None) -> Path:
+    """Write the UNet's LoRA (and the text encoder's, if given) as ``pytorch_lora_weights.safetensors``
+    in diffusers' key layout with the adapter configs: what ``pipe.load_lora_weights(folder)`` reads."""
+    from diffusers import StableDiffusionPipeline
+
+    unet_layers, unet_meta = _layers_and_metadata(unet)
+    te = dict(zip(("text_encoder_lora_layers", "text_encoder_lora_adapter_metadata"),
+                  _layers_and_metadata(text_encoder), strict=True)) if text_encoder is not None else {}  # fmt: skip
     StableDiffusionPipeline.save_lora_weights(
-        str(folder), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+        str(folder), unet_lora_layers=unet_layers, unet_lora_adapter_metadata=unet_meta, safe_serialization=True, **te
     )
     path = Path(folder) / LORA_FILE
     _rewrite_canonically(path)

@@ -146,18 +146,22 @@ def trained_pipelines(
     subject_scale: float = 1.0,
     extra_loras: list[tuple[str, float]] = (),
 ):
-    """``(posed, free)``: a ControlNet pipeline with the stage-2 ControlNet and a plain one, sharing the UNet
-    that carries the stage-1 LoRA (loaded the stock diffusers way, ``load_lora_weights``).
+    """``(posed, free)``: a ControlNet pipeline with the stage-2 ControlNet and a plain one, sharing the
+    modules that carry the stage-1 subject (loaded the stock diffusers way, see ``subject.load_into``).
 
     ``extra_loras`` are further LoRAs (a folder or a ``.safetensors`` file, for example a style) with their
     weights, active next to the subject's LoRA, which is scaled by ``subject_scale``.
     """
     from pathlib import Path
 
+    from posebooth import subject
+
     controlnet = load_controlnet(str(Path(stage2) / "controlnet"), device=device, precision=precision)
     posed = sd_pipeline(comp, scheduler, controlnet)
-    posed.load_lora_weights(stage1, adapter_name="subject")  # into the UNet that both pipelines share
-    names, weights = ["subject"], [subject_scale]
+    has_lora = subject.load_into(posed, stage1)  # into the modules both pipelines share
+    names, weights = (["subject"], [subject_scale]) if has_lora else ([], [])
+    if not has_lora and subject_scale != 1.0:
+        log.warning("sample.subject_lora_scale: %s ignored; the stage-1 method saved no LoRA", subject_scale)
     for i, (path, weight) in enumerate(extra_loras):
         p = Path(path)
         if p.is_file():
@@ -168,7 +172,8 @@ def trained_pipelines(
             raise FileNotFoundError(f"sample.extra_loras: {path} is neither a LoRA folder nor a .safetensors file")
         names.append(f"extra_{i}")
         weights.append(weight)
-    posed.set_adapters(names, weights)
+    if names:
+        posed.set_adapters(names, weights)
     free = sd_pipeline(comp, scheduler)
     if cpu_offload:  # small GPUs: each model visits the GPU only while it runs
         # Once, on the pipeline that holds every module: the hooks it puts on the shared text encoder,

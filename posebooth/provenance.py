@@ -48,20 +48,35 @@ def model_card(title: str, base_model: str, trigger: str, body: str) -> str:
     )
 
 
-def stage1_card(base_model: str, trigger: str) -> str:
+LOADING = {
+    "lora": 'pipe.load_lora_weights("models/stage1")  # pytorch_lora_weights.safetensors',
+    "momentum_ti": 'pipe.load_lora_weights("models/stage1")  # pytorch_lora_weights.safetensors\n'
+    'pipe.load_textual_inversion("models/stage1", weight_name="learned_embeds.safetensors")',
+    "textual_inversion": 'pipe.load_textual_inversion("models/stage1", weight_name="learned_embeds.safetensors")',
+    "custom_diffusion": "from posebooth.subject import load_custom_diffusion  # diffusers 0.42's loader needs two "
+    'fixes\nload_custom_diffusion(pipe, Path("models/stage1/pytorch_custom_diffusion_weights.safetensors"))\n'
+    "# and, if the identifier's embedding was learned:\n"
+    'pipe.load_textual_inversion("models/stage1", weight_name="learned_embeds.safetensors")',
+    "full": '# the folder is a whole pipeline: from_pretrained("models/stage1") above',
+}
+
+
+def stage1_card(base_model: str, trigger: str, method: str = "lora") -> str:
+    base = "models/stage1" if method == "full" else base_model
+    load = LOADING[method]
     return model_card(
-        "posebooth subject LoRA (stage 1)",
+        f"posebooth subject, {method} (stage 1)",
         base_model,
         trigger,
         f"""
 ## Load it in diffusers
 
 ```python
-import torch
+from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
-pipe.load_lora_weights("models/stage1")  # this folder: pytorch_lora_weights.safetensors
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+{load}
 image = pipe("{trigger} on the beach").images[0]
 ```
 """,

@@ -124,16 +124,22 @@ class StepLog:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def prepare(model, params: list, t, device: str, precision: str):
-    """Optimizer, lr schedule and accelerator for training ``params`` of ``model`` with the knobs in ``t``
-    (a ``config.Optimisation``). Returns ``(accelerator, model, optimizer, lr_scheduler)``, prepared."""
+def prepare(models: list, params: list, t, device: str, precision: str, steps: int | None = None):
+    """Optimizer, lr schedule and accelerator for training ``params`` (parameters, or param groups with
+    their own ``lr``) of ``models`` with the knobs in ``t`` (a ``config.Optimisation``) over ``steps``
+    optimizer steps (``t.steps`` by default). Returns ``(accelerator, models, optimizer, lr_scheduler)``,
+    prepared."""
     accelerator = make_accelerator(device, precision, t.gradient_accumulation_steps)
     if t.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        for model in models:
+            if hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+                model.enable_gradient_checkpointing()
+            else:  # transformers
+                model.gradient_checkpointing_enable()
     optimizer = make_optimizer(params, t.lr, t.weight_decay, t.optimizer)
-    lr_scheduler = make_lr_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.steps)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    return accelerator, model, optimizer, lr_scheduler
+    lr_scheduler = make_lr_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, steps or t.steps)
+    *models, optimizer, lr_scheduler = accelerator.prepare(*models, optimizer, lr_scheduler)
+    return accelerator, models, optimizer, lr_scheduler
 
 
 def backward_and_step(accelerator, loss, params: list, optimizer, lr_scheduler, max_grad_norm: float):
@@ -159,26 +165,34 @@ def loss_and_step(
     params,
     optimizer,
     lr_scheduler,
+    loss_map: torch.Tensor | None = None,
 ):
-    """The DreamBooth loss of one micro-batch (min-SNR-weighted if ``t.snr_gamma``), backward, and the
+    """The DreamBooth loss of one micro-batch (min-SNR-weighted if ``t.snr_gamma``, and weighted per
+    element by ``loss_map`` (B, 1, h, w) if given, e.g. more inside face boxes), backward, and the
     optimizer step when the accumulation is complete. Returns ``(losses (3,), grad_norm or None)`` where
     losses are (total, instance, prior)."""
     from posebooth.diffusion import diffusion_target, min_snr_weights, prior_preservation_loss
 
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(noise_scheduler, timesteps, t.snr_gamma) if t.snr_gamma > 0 else None
+    if loss_map is not None:
+        loss_map = loss_map.to(target.device)
+        weights = loss_map if weights is None else loss_map * weights.view(-1, 1, 1, 1)
     losses = prior_preservation_loss(model_pred, target, t.prior_loss_weight, with_prior, weights)
     grad_norm = backward_and_step(accelerator, losses[0], params, optimizer, lr_scheduler, t.max_grad_norm)
     return torch.tensor([x.item() for x in losses]), grad_norm
 
 
-def end_of_step(steplog: StepLog, step: int, totals: torch.Tensor, grad_norm, lr_scheduler, t, save_checkpoint) -> None:
+def end_of_step(
+    steplog: StepLog, step: int, totals: torch.Tensor, grad_norm, lr_scheduler, t, save_checkpoint, steps: int = 0
+) -> None:
     """Log one optimizer step's mean losses, gradient norm and learning rate; checkpoint every
-    ``t.checkpoint_every`` steps (not after the last: the stage's outputs follow at once)."""
+    ``t.checkpoint_every`` steps (not after the last of ``steps``, default ``t.steps``: the stage's
+    outputs follow at once)."""
     total, instance, prior = (totals / t.gradient_accumulation_steps).tolist()
     if not math.isfinite(total):
         raise ValueError(f"training diverged at step {step}: loss {total}; lower the learning rate ({t.lr})")
     steplog.log(loss=total, instance_loss=instance, prior_loss=prior, grad_norm=grad_norm.item(),
                 lr=lr_scheduler.get_last_lr()[0])  # fmt: skip
-    if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+    if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < (steps or t.steps):
         save_checkpoint(step + 1)

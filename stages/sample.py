@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from posebooth import config, outputs
+from posebooth import config, outputs, subject
 from posebooth.generation import generate
 from posebooth.grid import contact_sheet
 from posebooth.models import load_components, trained_pipelines
@@ -37,7 +37,7 @@ def main() -> None:
     outputs.seed_everything(c.seed)
     poses = load_target_poses(s.poses, args.target_poses)  # validated before any model loads
 
-    comp = load_components(c.model, c.device, c.precision)
+    comp = load_components(subject.base_model(args.stage1, c.model), c.device, c.precision)  # full: stage 1's own
     extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
     for path, _ in extras:
         if Path(args.loras).resolve() not in Path(path).resolve().parents:

@@ -1,11 +1,15 @@
-"""train_stage1_appearance: DreamBooth LoRA on the UNet with the class prior-preservation loss.
+"""train_stage1_appearance: learn the subject's appearance, with the class prior-preservation loss.
 
+``train.method`` chooses what learns (posebooth/methods.py): a UNet LoRA (optionally a text-encoder LoRA),
+the full UNet (optionally the text encoder), Custom Diffusion's cross-attention K/V, textual inversion,
+or momentum textual inversion on top of a DreamBooth LoRA (two phases).
 Reads:  params common.*, train.*; data/prepared (instance images), data/class_priors (class images).
-Writes: models/stage1/ (pytorch_lora_weights.safetensors, optionally the kohya-format file,
-        provenance.json, README.md model card),
+Writes: models/stage1/ (what the method learned, in the formats stock diffusers loads; optionally the
+        kohya-format LoRA; provenance.json; README.md model card),
         metrics/train_stage1_appearance.json, plots/train_stage1_appearance/ (loss per step, and
         validation images every train.validation_every steps under per-step names).
-Loss (Ruiz et al. 2022): mse(ε̂(x_t, c_inst), ε) + λ · mse(ε̂(x'_t, c_class), ε'), one batch of 2B.
+Loss (Ruiz et al. 2022): mse(ε̂(x_t, c_inst), ε) + λ · mse(ε̂(x'_t, c_class), ε'), one batch of 2B; the
+instance term is weighted up inside face boxes with train.face_loss_weight.
 """
 
 from __future__ import annotations
@@ -13,16 +17,15 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import replace
 
 import torch
 from tqdm import tqdm
 
-from posebooth import checkpoints, config, data, outputs, provenance, training
+from posebooth import augment, checkpoints, config, data, methods, outputs, provenance, training
 from posebooth.diffusion import add_noise
 from posebooth.generation import generate
 from posebooth.identifier import check_identifier
-from posebooth.lora import KOHYA_FILE, add_unet_lora, export_kohya, save_unet_lora
+from posebooth.lora import KOHYA_FILE, LORA_FILE, export_kohya
 from posebooth.models import encode_images, encode_prompts, load_components, sd_pipeline, weights_fingerprint
 from posebooth.prompts import choose_variants, instance_prompts, prompt_variants
 from posebooth.training import StepLog, sample_indices
@@ -50,96 +53,153 @@ def main() -> None:
             "train.prior_loss_weight > 0 but data/class_priors holds no images: "
             "set generate_class_priors.num_class_images >= 1, or train.prior_loss_weight: 0"
         )
+    faces = augment.face_boxes(instance_pixels) if t.face_loss_weight > 0 else [None] * len(instance_pixels)
+    if t.face_loss_weight > 0:
+        found = sum(b is not None for b in faces)
+        log.info("face-region loss: a face in %d of %d photos%s", found, len(faces),
+                 "" if found else "; none found, so the face term is off (train.face_loss_weight has no effect)")  # fmt: skip
+    # Training views, made once from the seed: each photo and train.random_crops zoomed crops of it.
+    views, view_boxes = augment.crop_views(instance_pixels, faces, t.random_crops, t.random_crop_scale, generator)
+    n_images, n_views = views.shape[:2]
 
     comp = load_components(c.model, c.device, c.precision)
-    unet, scheduler = comp.unet, comp.noise_scheduler
-    # The VAE and text encoder are frozen: latents are encoded once per image and augmentation variant
-    # (as is and mirrored), prompt embeddings once, not at every step.
-    instance_latents = encode_images(comp.vae, instance_pixels)  # (N, 4, R/8, R/8)
-    flipped_latents = encode_images(comp.vae, instance_pixels.flip(-1)) if t.flip_prob > 0 else None
+    unet, text_encoder, scheduler = comp.unet, comp.text_encoder, comp.noise_scheduler
+    # The VAE is frozen: latents are encoded once per view and mirror image, not at every step.
+    view_latents = encode_images(comp.vae, views.flatten(0, 1)).unflatten(0, (n_images, n_views))  # (N, K, 4, h, w)
+    flipped_latents = (
+        encode_images(comp.vae, views.flatten(0, 1).flip(-1)).unflatten(0, (n_images, n_views))
+        if t.flip_prob > 0 else None
+    )  # fmt: skip
     class_latents = encode_images(comp.vae, class_pixels) if with_prior else None
+    h = view_latents.shape[-1]
+    masks = torch.stack([torch.stack([augment.box_mask(b, c.resolution, h) for b in boxes]) for boxes in view_boxes])
+    loss_maps = 1 + t.face_loss_weight * masks  # (N, K, 1, h, w): 1 outside faces
+    use_loss_maps = bool(masks.any())
     identifier = check_identifier(comp.tokenizer, c.identifier)
     for warning in identifier["warnings"]:
         log.warning("%s", warning)
-    prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c)]
     templates = instance_prompts(
         t.prompt_templates or [c.instance_prompt], c.identifier, c.class_noun, t.class_word_in_prompt
     )
     variants = prompt_variants(templates, t.descriptive_words)
-    variant_emb = encode_prompts(comp.tokenizer, comp.text_encoder, variants)  # (V, 77, D), encoded once
-    class_emb = encode_prompts(comp.tokenizer, comp.text_encoder, prompts[1:])  # (1, 77, D)
-    log.info("instance prompts %s (%d variants), class prompt %r, %d instance / %d class images",
-             templates[:3], len(variants), prompts[1], len(instance_latents), len(class_pixels))  # fmt: skip
+    class_prompt = config.fill(c.class_prompt, c)
+    log.info("method %s; instance prompts %s (%d variants), class prompt %r, %d instance (%d views) / %d class images",
+             t.method, templates[:3], len(variants), class_prompt, n_images, n_views, len(class_pixels))  # fmt: skip
 
-    params = add_unet_lora(unet, t.rank, t.alpha, t.target_modules)
-    accelerator, unet, optimizer, lr_scheduler = training.prepare(unet, params, t, c.device, c.precision)
-    unet.train()
     b = t.batch_size
-    # Resumable: the whole training state is checkpointed outside the outputs (see posebooth/checkpoints.py).
-    trainable = {n: p for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
-    ckpt = checkpoints.checkpoint_dir(
+    phases = methods.phases(t.method)
+    # Resumable: the whole training state is checkpointed outside the outputs (see posebooth/checkpoints.py),
+    # one folder per phase; the latest one holds the values logged so far.
+    ckpt_root = checkpoints.checkpoint_dir(
         "train_stage1_appearance",
         checkpoints.fingerprint(
             cfg.as_dict() | {"model": weights_fingerprint(c.model)}, [args.prepared, args.class_priors]
         ),
     )
-    first, history = 0, []
-    if (ckpt / "state.json").exists():
-        first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator)
-        log.info("resuming from the checkpoint after step %d in %s", first, ckpt)
-    steplog = StepLog(args.metrics, args.plots, history, images=ckpt / "images")
-    validation = sd_pipeline(replace(comp, unet=accelerator.unwrap_model(unet)), "ddim")  # shares the modules
+    ckpts = {phase: ckpt_root / phase for phase in phases}
+    latest = next((ckpts[p] for p in reversed(phases) if (ckpts[p] / "state.json").exists()), None)
+    steplog = StepLog(args.metrics, args.plots, checkpoints.history(latest) if latest else [],
+                      images=latest / "images" if latest else None)  # fmt: skip
     validation_prompts = [config.fill(p, c) for p in t.validation_prompts]
-    start = time.perf_counter()
+    start, done, trainable_count = time.perf_counter(), 0, 0
     try:
-        for step in tqdm(range(first, t.steps), desc="stage 1", unit="step", initial=first, total=t.steps):
-            totals = torch.zeros(3)
-            for _micro in range(t.gradient_accumulation_steps):
-                with accelerator.accumulate(unet):
-                    idx = sample_indices(len(instance_latents), b, generator)
-                    latents = instance_latents[idx]  # (B, 4, h, w)
-                    if flipped_latents is not None:
-                        flip = (torch.rand(b, generator=generator) < t.flip_prob).view(-1, 1, 1, 1)
-                        latents = torch.where(flip, flipped_latents[idx], latents)
-                    chosen = choose_variants(b, len(templates), len(t.descriptive_words), t.descriptive_prob, generator)
-                    encoder_hidden_states = variant_emb[chosen]  # (B, 77, D)
-                    if with_prior:  # instance half first, then the class half: (2B, ...)
-                        cidx = sample_indices(len(class_latents), b, generator)
-                        latents = torch.cat([latents, class_latents[cidx]])
-                        encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
-                    noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator, t.noise_offset)
-                    with accelerator.autocast():
-                        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-                    step_losses, grad_norm = training.loss_and_step(
-                        accelerator, scheduler, model_pred, latents, noise, timesteps, with_prior, t,
-                        params, optimizer, lr_scheduler,
-                    )  # fmt: skip
-                    totals += step_losses
-            if t.validation_every and (step + 1) % t.validation_every == 0:  # fixed seeds: comparable across steps
-                unet.eval()
-                for i, prompt in enumerate(validation_prompts):
-                    (image,) = generate(validation, prompt, [c.seed], steps=t.validation_steps, guidance_scale=5.0,
-                                        resolution=c.resolution)  # fmt: skip
-                    steplog.image(f"validation/{i}_step_{step + 1:05d}.png", image)
-                unet.train()
-            training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, lambda done: checkpoints.save(
-                ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history, steplog.images_dir))  # fmt: skip
-        steplog.summary(steps=t.steps, trainable_params=sum(p.numel() for p in params),
-                        identifier_tokens=len(identifier["tokens"]))  # fmt: skip
+        for phase in phases:
+            steps = methods.phase_steps(phase, t)
+            tr = methods.setup(phase, comp, t, c.identifier, c.class_noun)  # may add a token
+            trainable_count += sum(p.numel() for p in tr.params)
+            models = [unet, text_encoder] if tr.text_encoder_trains else [unet]
+            accelerator, models, optimizer, lr_scheduler = training.prepare(
+                models, tr.groups, t, c.device, c.precision, steps
+            )
+            tokens = comp.tokenizer(variants + [class_prompt], padding="max_length", truncation=True,
+                                    max_length=comp.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+            variant_ids, class_ids = tokens[:-1].to(c.device), tokens[-1:].to(c.device)  # (V, 77), (1, 77)
+            if not tr.text_encoder_trains:  # frozen text encoder: prompt embeddings encoded once
+                variant_emb = encode_prompts(comp.tokenizer, text_encoder, variants)  # (V, 77, D)
+                class_emb = encode_prompts(comp.tokenizer, text_encoder, [class_prompt])  # (1, 77, D)
+            first = 0
+            if (ckpts[phase] / "state.json").exists():
+                first, _ = checkpoints.load(ckpts[phase], tr.named, optimizer, lr_scheduler, generator)
+                log.info("resuming %s from the checkpoint after step %d in %s", phase, first, ckpts[phase])
+            validation = sd_pipeline(comp, "ddim")  # shares the modules being trained
+            for model in models:
+                model.train()
+
+            def save_checkpoint(step, phase=phase, tr=tr, optimizer=optimizer, lr_scheduler=lr_scheduler):
+                checkpoints.save(ckpts[phase], step, tr.named, optimizer, lr_scheduler, generator, steplog.history,
+                                 steplog.images_dir)  # fmt: skip
+
+            for step in tqdm(range(first, steps), desc=f"stage 1 {phase}", unit="step", initial=first, total=steps):
+                totals = torch.zeros(3)
+                for _micro in range(t.gradient_accumulation_steps):
+                    with accelerator.accumulate(*models):
+                        idx = sample_indices(n_images, b, generator)
+                        view = (
+                            sample_indices(n_views, b, generator) if n_views > 1 else torch.zeros(b, dtype=torch.long)
+                        )
+                        latents, loss_map = view_latents[idx, view], loss_maps[idx, view]  # (B, 4, h, w), (B, 1, h, w)
+                        if flipped_latents is not None:
+                            flip = (torch.rand(b, generator=generator) < t.flip_prob).view(-1, 1, 1, 1)
+                            latents = torch.where(flip, flipped_latents[idx, view], latents)
+                            loss_map = torch.where(flip, loss_map.flip(-1), loss_map)
+                        chosen = choose_variants(b, len(templates), len(t.descriptive_words), t.descriptive_prob,
+                                                 generator)  # fmt: skip
+                        if with_prior:  # instance half first, then the class half: (2B, ...)
+                            cidx = sample_indices(len(class_latents), b, generator)
+                            latents = torch.cat([latents, class_latents[cidx]])
+                            loss_map = torch.cat([loss_map, torch.ones_like(loss_map)])
+                        if tr.text_encoder_trains:  # prompts through the text encoder being trained
+                            ids = variant_ids[chosen]
+                            ids = torch.cat([ids, class_ids.expand(b, -1)]) if with_prior else ids
+                            with accelerator.autocast():
+                                encoder_hidden_states = models[1](ids)[0]  # (B or 2B, 77, D)
+                        else:
+                            encoder_hidden_states = variant_emb[chosen]  # (B, 77, D)
+                            if with_prior:
+                                encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
+                        noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator, t.noise_offset)
+                        with accelerator.autocast():
+                            model_pred = models[0](noisy_latents, timesteps, encoder_hidden_states).sample
+                        step_losses, grad_norm = training.loss_and_step(
+                            accelerator, scheduler, model_pred, latents, noise, timesteps, with_prior, t,
+                            tr.params, optimizer, lr_scheduler, loss_map if use_loss_maps else None,
+                        )  # fmt: skip
+                        if accelerator.sync_gradients:
+                            tr.after_step()  # textual inversion: every other embedding row back
+                        totals += step_losses
+                if t.validation_every and (done + step + 1) % t.validation_every == 0:  # fixed seeds
+                    for model in models:
+                        model.eval()
+                    for i, prompt in enumerate(validation_prompts):
+                        (image,) = generate(validation, prompt, [c.seed], steps=t.validation_steps,
+                                            guidance_scale=5.0, resolution=c.resolution)  # fmt: skip
+                        steplog.image(f"validation/{i}_step_{done + step + 1:05d}.png", image)
+                    for model in models:
+                        model.train()
+                training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, save_checkpoint, steps)
+            for model in models:
+                model.eval()
+            if phase != phases[-1]:  # a re-run after a stop in a later phase skips this one
+                save_checkpoint(steps)
+            done += steps
+        steplog.summary(steps=done, method=t.method, trainable_params=trainable_count,
+                        identifier_tokens=len(identifier["tokens"]),
+                        face_boxes=sum(b is not None for b in faces) if t.face_loss_weight > 0 else 0)  # fmt: skip
         with outputs.atomic_dir(args.out) as tmp:
-            lora_file = save_unet_lora(accelerator.unwrap_model(unet), tmp)
-            if t.export_kohya:
-                export_kohya(lora_file, tmp / KOHYA_FILE, t.alpha)
+            files = methods.save(t.method, comp, tmp, t, c.identifier)
+            if t.export_kohya and (tmp / LORA_FILE).exists():
+                export_kohya(tmp / LORA_FILE, tmp / KOHYA_FILE, t.alpha)
             outputs.write_json(tmp / "provenance.json", provenance.provenance(
-                cfg.as_dict(), base_model=c.model, method="lora", trigger=templates[0], identifier_check=identifier,
+                cfg.as_dict(), base_model=c.model, method=t.method, trigger=templates[0], identifier_check=identifier,
+                files=[f.name for f in files],
             ))  # fmt: skip
-            (tmp / "README.md").write_text(provenance.stage1_card(c.model, templates[0]))
+            (tmp / "README.md").write_text(provenance.stage1_card(c.model, templates[0], t.method))
         steplog.close()
-        checkpoints.remove(ckpt)
+        checkpoints.remove(ckpt_root)
     except BaseException:
         steplog.abort()
         raise
-    log.info("trained %d steps in %.1f s; saved the LoRA to %s", t.steps, time.perf_counter() - start, args.out)
+    log.info("trained %d steps (%s) in %.1f s; saved to %s", done, t.method, time.perf_counter() - start, args.out)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,16 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import checkpoints, config, data, outputs, provenance, training
+from posebooth import checkpoints, config, data, outputs, provenance, subject, training
 from posebooth.diffusion import add_noise
-from posebooth.lora import load_unet_lora
-from posebooth.models import encode_images, encode_prompts, load_components, load_controlnet, weights_fingerprint
+from posebooth.models import (
+    encode_images,
+    encode_prompts,
+    load_components,
+    load_controlnet,
+    sd_pipeline,
+    weights_fingerprint,
+)  # fmt: skip
 from posebooth.training import StepLog, sample_indices
 
 log = logging.getLogger("train_stage2_pose")
@@ -53,11 +59,13 @@ def main() -> None:
             "no class image has a pose" if not class_names else "prior_loss_weight is 0",
         )
 
-    comp = load_components(c.model, c.device, c.precision)
+    comp = load_components(subject.base_model(args.stage1, c.model), c.device, c.precision)  # full: stage 1's own
     unet, scheduler = comp.unet, comp.noise_scheduler
     # The ControlNet first: from_unet fails on a UNet that already carries a PEFT LoRA. It trains in fp32.
     controlnet = load_controlnet(t.controlnet, unet, c.device)
-    load_unet_lora(unet, args.stage1)  # the stage-1 identity, frozen
+    subject.load_into(sd_pipeline(comp, "ddim"), args.stage1)  # the stage-1 identity (UNet, text encoder)...
+    unet.requires_grad_(False)  # ... frozen
+    comp.text_encoder.requires_grad_(False)
     latents_all = encode_images(comp.vae, pixels)  # (N, 4, R/8, R/8), encoded once (frozen VAE)
     class_latents = encode_images(comp.vae, class_pixels) if with_prior else None
     prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c), ""]
@@ -68,7 +76,9 @@ def main() -> None:
 
     controlnet.requires_grad_(True)
     params = [p for p in controlnet.parameters() if p.requires_grad]
-    accelerator, controlnet, optimizer, lr_scheduler = training.prepare(controlnet, params, t, c.device, c.precision)
+    accelerator, (controlnet,), optimizer, lr_scheduler = training.prepare(
+        [controlnet], params, t, c.device, c.precision
+    )
     controlnet.train()
     b = t.batch_size
     # Resumable: the whole training state is checkpointed outside the outputs (see posebooth/checkpoints.py).

@@ -63,8 +63,8 @@ def _run(accumulation: int, batches: list[torch.Tensor]):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     params = list(model.parameters())
-    acc, model, opt, sched = training.prepare(
-        model, params, knobs(gradient_accumulation_steps=accumulation, lr=0.1), "cpu", "fp32"
+    acc, (model,), opt, sched = training.prepare(
+        [model], params, knobs(gradient_accumulation_steps=accumulation, lr=0.1), "cpu", "fp32"
     )
     for x in batches:
         with acc.accumulate(model):
@@ -100,7 +100,7 @@ def test_gradient_checkpointing_is_switched_on(tiny_sd):
     params = [p for p in unet.parameters()][:2]
     for p in params:
         p.requires_grad_(True)
-    acc, unet, *_ = training.prepare(unet, params, knobs(gradient_checkpointing=True), "cpu", "bf16")
+    acc, (unet,), *_ = training.prepare([unet], params, knobs(gradient_checkpointing=True), "cpu", "bf16")
     assert acc.unwrap_model(unet).is_gradient_checkpointing
     assert acc.mixed_precision == "bf16"
 
@@ -126,7 +126,7 @@ def test_stage2_step_trains_only_the_controlnet(tiny_sd, tmp_path):
     params = [p for p in controlnet.parameters()]
     for p in params:
         p.requires_grad_(True)
-    acc, controlnet, opt, sched = training.prepare(controlnet, params, knobs(lr=1e-3), "cpu", "fp32")
+    acc, (controlnet,), opt, sched = training.prepare([controlnet], params, knobs(lr=1e-3), "cpu", "fp32")
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 4, 4, generator=g)
     ehs = encode_prompts(comp.tokenizer, comp.text_encoder, ["a photo of sks robot", "a photo of a robot"])

@@ -1,0 +1,241 @@
+"""Stage-1 personalisation methods: what each one trains and what it saves.
+
+- ``lora``: a LoRA on the UNet's attention (DreamBooth-LoRA), optionally a second one on the text encoder
+  with its own learning rate. Saves ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``).
+- ``full``: the whole UNet, optionally the whole text encoder (DreamBooth as in the paper). Saves a
+  diffusers pipeline folder (``StableDiffusionPipeline.from_pretrained``).
+- ``custom_diffusion``: only the cross-attention (``attn2``) key and value projections (Kumari et al.
+  2023), optionally the identifier's embedding row. Saves ``pytorch_custom_diffusion_weights.safetensors``
+  (``pipe.unet.load_attn_procs``, see ``subject.py``) and ``learned_embeds.safetensors``.
+- ``textual_inversion``: only the identifier's embedding row; every other row is restored after each
+  step, so that weight decay cannot shrink them. Saves ``learned_embeds.safetensors``
+  (``pipe.load_textual_inversion``).
+- ``momentum_ti``: DreamBooth-LoRA first, then a bounded textual inversion on top of it (a seed
+  project): the identifier's embedding is ``e0 + γ(θ − e0)``, ``e0`` its embedding after DreamBooth
+  (frozen), ``θ`` trainable and initialised from the class word's. Saves the LoRA and the embedding.
+
+Each method is a list of phases (``momentum_ti`` has two); ``setup`` makes one phase's weights trainable
+and returns them as optimizer param groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posebooth.lora import add_text_encoder_lora, add_unet_lora
+
+TI_FILE = "learned_embeds.safetensors"
+CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
+
+
+@dataclass
+class Trainable:
+    """One phase's trainable weights."""
+
+    groups: list[dict]  # optimizer param groups, each with its own "lr"
+    named: dict[str, torch.nn.Parameter]  # the same parameters by name, for checkpoints
+    text_encoder_trains: bool  # prompts must go through the text encoder at every step
+    after_step: Callable[[], None] = field(default=lambda: None)  # after each optimizer step
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g["params"]]
+
+
+def phases(method: str) -> list[str]:
+    """The phases a method trains in order; ``momentum_ti`` is DreamBooth-LoRA, then the momentum TI."""
+    return ["lora", "momentum"] if method == "momentum_ti" else [method]
+
+
+def phase_steps(phase: str, t) -> int:
+    return t.ti_steps if phase == "momentum" else t.steps
+
+
+def identifier_token(tokenizer, identifier: str) -> int:
+    """The identifier's single token id (methods that learn its embedding row need exactly one)."""
+    ids = tokenizer(identifier, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(
+            f"common.identifier: {identifier!r} is {len(ids)} tokens; the method learns one embedding row: "
+            "choose a one-token identifier (e.g. 'sks') or set train.new_token: true"
+        )
+    return ids[0]
+
+
+def class_word_embedding(tokenizer, text_encoder, class_noun: str) -> torch.Tensor:
+    """The class word's input embedding (D,), the mean of its tokens' rows (``teddy bear`` is two)."""
+    ids = tokenizer(class_noun, add_special_tokens=False).input_ids
+    return text_encoder.get_input_embeddings().weight[ids].detach().float().mean(0)
+
+
+def add_token(tokenizer, text_encoder, identifier: str, class_noun: str) -> int:
+    """Add ``identifier`` to the tokenizer as a brand-new token whose embedding starts as the class word's."""
+    init = class_word_embedding(tokenizer, text_encoder, class_noun)
+    if tokenizer.add_tokens(identifier) != 1:
+        raise ValueError(
+            f"common.identifier: {identifier!r} is already a token of its own; train.new_token adds a new one"
+        )
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    token = tokenizer.convert_tokens_to_ids(identifier)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[token] = init
+    return token
+
+
+def _fp32(params):
+    """Trainable weights stay fp32 even when the model runs in half precision."""
+    for p in params:
+        p.data = p.data.float()
+    return list(params)
+
+
+class MomentumEmbedding(torch.nn.Module):
+    """The text encoder's token embedding with the identifier's row replaced by ``e0 + γ(θ − e0)``."""
+
+    def __init__(self, base: torch.nn.Embedding, token: int, theta_init: torch.Tensor, gamma: float):
+        super().__init__()
+        self.base, self.token, self.gamma = base, token, gamma
+        self.register_buffer("e0", base.weight[token].detach().float().clone())
+        self.theta = torch.nn.Parameter(theta_init.detach().float().clone())
+        self.weight = base.weight  # what get_input_embeddings().weight users read
+
+    def row(self) -> torch.Tensor:
+        return self.e0 + self.gamma * (self.theta - self.e0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        return torch.where((ids == self.token).unsqueeze(-1), self.row().to(out.dtype), out)
+
+
+def setup(phase: str, comp, t, identifier: str, class_noun: str) -> Trainable:
+    """Make ``phase``'s weights of ``comp`` (UNet, text encoder, tokenizer; changed in place) trainable."""
+    unet, te, tok = comp.unet, comp.text_encoder, comp.tokenizer
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    if phase == "lora":
+        groups = [{"params": add_unet_lora(unet, t.rank, t.alpha, t.target_modules), "lr": t.lr}]
+        if t.train_text_encoder:
+            groups.append({"params": add_text_encoder_lora(te, t.rank, t.alpha), "lr": t.text_encoder_lr})
+        return _trainable(comp, groups, t.train_text_encoder)
+    if phase == "full":
+        unet.requires_grad_(True)
+        groups = [{"params": _fp32(unet.parameters()), "lr": t.lr}]
+        if t.train_text_encoder:
+            if t.new_token:
+                add_token(tok, te, identifier, class_noun)
+            te.requires_grad_(True)
+            groups.append({"params": _fp32(te.parameters()), "lr": t.text_encoder_lr})
+        return _trainable(comp, groups, t.train_text_encoder)
+    if phase == "custom_diffusion":
+        groups = [{"params": _custom_diffusion_processors(unet), "lr": t.lr}]
+        if not t.train_token_embedding:
+            return _trainable(comp, groups, False)
+        token_row = _one_row_trainable(comp, t, identifier, class_noun)
+        return _trainable(comp, groups + [{"params": [token_row.param], "lr": t.lr}], True, token_row.restore)
+    if phase == "textual_inversion":
+        token_row = _one_row_trainable(comp, t, identifier, class_noun)
+        return _trainable(comp, [{"params": [token_row.param], "lr": t.lr}], True, token_row.restore)
+    if phase == "momentum":
+        # The DreamBooth LoRA of the first phase stays active and frozen.
+        token = identifier_token(tok, identifier)
+        emb = MomentumEmbedding(te.get_input_embeddings(), token, class_word_embedding(tok, te, class_noun),
+                                t.momentum_gamma)  # fmt: skip
+        te.set_input_embeddings(emb)
+        return _trainable(comp, [{"params": [emb.theta], "lr": t.ti_lr}], True)
+    raise ValueError(f"train.method: unknown phase {phase!r}")
+
+
+def _trainable(comp, groups, text_encoder_trains, after_step=None) -> Trainable:
+    ids = {id(p) for g in groups for p in g["params"]}
+    named = {f"unet.{n}": p for n, p in comp.unet.named_parameters() if id(p) in ids}
+    named |= {f"text_encoder.{n}": p for n, p in comp.text_encoder.named_parameters() if id(p) in ids}
+    return Trainable(groups, named, text_encoder_trains, after_step or (lambda: None))
+
+
+@dataclass
+class _TokenRow:
+    param: torch.nn.Parameter  # the whole embedding matrix (the gradient reaches the identifier's row only)
+    restore: Callable[[], None]  # puts every other row back after an optimizer step
+
+
+def _one_row_trainable(comp, t, identifier: str, class_noun: str) -> _TokenRow:
+    """Textual inversion the way diffusers' script does it: the embedding matrix is trainable, and every
+    row but the identifier's is copied back after each step (AdamW's weight decay would shrink them)."""
+    tok, te = comp.tokenizer, comp.text_encoder
+    token = add_token(tok, te, identifier, class_noun) if t.new_token else identifier_token(tok, identifier)
+    weight = te.get_input_embeddings().weight
+    weight.data = weight.data.float()
+    weight.requires_grad_(True)
+    original = weight.detach().clone()
+    keep = torch.ones(len(original), dtype=torch.bool)
+    keep[token] = False
+
+    def restore() -> None:
+        with torch.no_grad():
+            weight[keep] = original[keep]
+
+    return _TokenRow(weight, restore)
+
+
+def _custom_diffusion_processors(unet) -> list[torch.nn.Parameter]:
+    """Custom Diffusion attention processors: cross-attention layers get their own K and V projections,
+    copied from the originals and trainable; self-attention runs unchanged (diffusers' processors)."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    processors = {}
+    for name in unet.attn_processors:
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if name.endswith("attn2.processor"):
+            proc = CustomDiffusionAttnProcessor2_0(
+                train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
+                cross_attention_dim=attn.to_k.in_features,
+            )  # fmt: skip
+            with torch.no_grad():
+                proc.to_k_custom_diffusion.weight.copy_(attn.to_k.weight.float())
+                proc.to_v_custom_diffusion.weight.copy_(attn.to_v.weight.float())
+            proc.to(attn.to_k.weight.device)
+        else:
+            proc = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False, hidden_size=attn.inner_dim)
+        processors[name] = proc
+    unet.set_attn_processor(processors)
+    return [p for name, proc in processors.items() for p in proc.parameters()]
+
+
+def identifier_embedding(comp, identifier: str) -> torch.Tensor:
+    """The identifier's learned input embedding (1, D), as ``load_textual_inversion`` reads it."""
+    emb = comp.text_encoder.get_input_embeddings()
+    if isinstance(emb, MomentumEmbedding):
+        return emb.row().detach().float().unsqueeze(0)
+    token = identifier_token(comp.tokenizer, identifier)
+    return emb.weight[token].detach().float().unsqueeze(0)
+
+
+def save(method: str, comp, folder: Path, t, identifier: str) -> list[Path]:
+    """Write what ``method`` learned into ``folder`` in the formats stock diffusers loads; returns the files."""
+    from safetensors.torch import save_file
+
+    from posebooth.lora import save_unet_lora
+
+    files = []
+    if method in ("lora", "momentum_ti"):
+        files.append(save_unet_lora(comp.unet, folder, comp.text_encoder if t.train_text_encoder else None))
+    if method in ("textual_inversion", "momentum_ti") or (method == "custom_diffusion" and t.train_token_embedding):
+        path = folder / TI_FILE
+        save_file({identifier: identifier_embedding(comp, identifier).contiguous()}, str(path))
+        files.append(path)
+    if method == "custom_diffusion":
+        state = {k: v.detach().float().contiguous() for k, v in comp.unet.state_dict().items()
+                 if "custom_diffusion" in k}  # fmt: skip
+        save_file(dict(sorted(state.items())), str(folder / CD_FILE))
+        files.append(folder / CD_FILE)
+    if method == "full":
+        from posebooth.models import sd_pipeline
+
+        pipe = sd_pipeline(comp, "ddpm")  # the model's training schedule, as from_config of its own
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+        files.append(folder / "model_index.json")
+    return files
