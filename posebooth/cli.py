@@ -24,7 +24,7 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 def _generate(args: argparse.Namespace) -> None:
     from posebooth import subject
     from posebooth.generation import generate
-    from posebooth.models import SCHEDULER_CLASSES, load_components, trained_pipelines
+    from posebooth.models import SCHEDULER_CLASSES, load_components
     from posebooth.poses import load_pose, render_pose
 
     cfg = config.load(["common", "sample", "extract_poses"], args.params)
@@ -40,7 +40,7 @@ def _generate(args: argparse.Namespace) -> None:
     comp = load_components(subject.base_model(args.stage1, c.model), c.device, c.precision)  # full: stage 1's own
     extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
     lora_scale = s.subject_lora_scale if args.lora_scale is None else args.lora_scale
-    posed, free = trained_pipelines(comp, args.stage1, args.stage2, scheduler, c.device, c.precision,
+    posed, free = subject.trained_pipelines(comp, args.stage1, args.stage2, scheduler, c.device, c.precision,
                                     args.cpu_offload, lora_scale, extras)  # fmt: skip
     seeds = [args.seed + i for i in range(args.num_images)]
     kwargs = dict(

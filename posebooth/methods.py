@@ -88,9 +88,10 @@ def add_token(tokenizer, text_encoder, identifier: str, class_noun: str) -> int:
 
 def _fp32(params):
     """Trainable weights stay fp32 even when the model runs in half precision."""
+    params = list(params)
     for p in params:
         p.data = p.data.float()
-    return list(params)
+    return params
 
 
 class MomentumEmbedding(torch.nn.Module):
@@ -101,7 +102,10 @@ class MomentumEmbedding(torch.nn.Module):
         self.base, self.token, self.gamma = base, token, gamma
         self.register_buffer("e0", base.weight[token].detach().float().clone())
         self.theta = torch.nn.Parameter(theta_init.detach().float().clone())
-        self.weight = base.weight  # what get_input_embeddings().weight users read
+
+    @property
+    def weight(self) -> torch.Tensor:  # what readers of get_input_embeddings().weight expect
+        return self.base.weight
 
     def row(self) -> torch.Tensor:
         return self.e0 + self.gamma * (self.theta - self.e0)
@@ -201,8 +205,9 @@ def _custom_diffusion_processors(unet) -> list[torch.nn.Parameter]:
         else:
             proc = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False, hidden_size=attn.inner_dim)
         processors[name] = proc
-    unet.set_attn_processor(processors)
-    return [p for name, proc in processors.items() for p in proc.parameters()]
+    params = [p for proc in processors.values() for p in proc.parameters()]
+    unet.set_attn_processor(processors)  # (empties the dict it is given)
+    return params
 
 
 def identifier_embedding(comp, identifier: str) -> torch.Tensor:

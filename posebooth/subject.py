@@ -8,11 +8,13 @@ What is in the folder says how to load it, as it would for anyone else: a diffus
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from posebooth.lora import LORA_FILE
 from posebooth.methods import CD_FILE, TI_FILE
 
+log = logging.getLogger(__name__)
 FILES = ("model_index.json", LORA_FILE, CD_FILE, TI_FILE)
 
 
@@ -49,3 +51,48 @@ def load_custom_diffusion(pipe, path: Path) -> None:
         if not any(k.startswith(name + ".") for k in state):
             state[name] = {}
     pipe.unet.load_attn_procs(state, _pipeline=pipe)
+
+
+def trained_pipelines(
+    comp,
+    stage1: str,
+    stage2: str,
+    scheduler: str,
+    device: str,
+    precision: str,
+    cpu_offload: bool,
+    subject_scale: float = 1.0,
+    extra_loras: list[tuple[str, float]] = (),
+):
+    """``(posed, free)``: a ControlNet pipeline with the stage-2 ControlNet and a plain one, sharing the
+    modules that carry the stage-1 subject (loaded the stock diffusers way, see ``subject.load_into``).
+
+    ``extra_loras`` are further LoRAs (a folder or a ``.safetensors`` file, for example a style) with their
+    weights, active next to the subject's LoRA, which is scaled by ``subject_scale``.
+    """
+    from posebooth.models import load_controlnet, sd_pipeline
+
+    controlnet = load_controlnet(str(Path(stage2) / "controlnet"), device=device, precision=precision)
+    posed = sd_pipeline(comp, scheduler, controlnet)
+    has_lora = load_into(posed, stage1)  # into the modules both pipelines share
+    names, weights = (["subject"], [subject_scale]) if has_lora else ([], [])
+    if not has_lora and subject_scale != 1.0:
+        log.warning("sample.subject_lora_scale: %s ignored; the stage-1 method saved no LoRA", subject_scale)
+    for i, (path, weight) in enumerate(extra_loras):
+        p = Path(path)
+        if p.is_file():
+            posed.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=f"extra_{i}")
+        elif p.is_dir():
+            posed.load_lora_weights(str(p), adapter_name=f"extra_{i}")
+        else:
+            raise FileNotFoundError(f"sample.extra_loras: {path} is neither a LoRA folder nor a .safetensors file")
+        names.append(f"extra_{i}")
+        weights.append(weight)
+    if names:
+        posed.set_adapters(names, weights)
+    free = sd_pipeline(comp, scheduler)
+    if cpu_offload:  # small GPUs: each model visits the GPU only while it runs
+        # Once, on the pipeline that holds every module: the hooks it puts on the shared text encoder,
+        # UNet and VAE serve the pose-free pipeline too (a second call would re-chain them).
+        posed.enable_model_cpu_offload()
+    return posed, free

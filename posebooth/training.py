@@ -43,8 +43,8 @@ def make_optimizer(params, lr: float, weight_decay: float, kind: str = "adamw", 
     state for tensors with fewer than ``min_8bit_size`` elements.
     """
     params = list(params)
-    if not params:
-        raise ValueError("nothing to train: no parameter requires a gradient")
+    if not params or any(isinstance(g, dict) and not list(g["params"]) for g in params):
+        raise ValueError("nothing to train: no parameter (or an empty parameter group) requires a gradient")
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if kind == "adamw_8bit":

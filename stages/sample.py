@@ -17,7 +17,7 @@ from tqdm import tqdm
 from posebooth import config, outputs, subject
 from posebooth.generation import generate
 from posebooth.grid import contact_sheet
-from posebooth.models import load_components, trained_pipelines
+from posebooth.models import load_components
 from posebooth.poses import load_target_poses, render_pose
 
 log = logging.getLogger("sample")
@@ -42,7 +42,7 @@ def main() -> None:
     for path, _ in extras:
         if Path(args.loras).resolve() not in Path(path).resolve().parents:
             raise ValueError(f"sample.extra_loras: {path} must lie in {args.loras}/ (the folder dvc.yaml tracks)")
-    posed, free = trained_pipelines(comp, args.stage1, args.stage2, s.scheduler, c.device, c.precision,
+    posed, free = subject.trained_pipelines(comp, args.stage1, args.stage2, s.scheduler, c.device, c.precision,
                                     s.cpu_offload, s.subject_lora_scale, extras)  # fmt: skip
 
     jobs = [(p, None) for p in s.prompts] if s.pose_free else []

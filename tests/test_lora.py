@@ -144,7 +144,8 @@ def test_kohya_export_loads_like_the_diffusers_file(tiny_sd, tmp_path):
 
 def test_sampling_with_a_scaled_subject_lora_and_an_extra_lora(tiny_sd, tmp_path):
     """sample's pipelines: the subject LoRA at a chosen scale, plus a second (style) LoRA with its own weight."""
-    from posebooth.models import load_controlnet, trained_pipelines
+    from posebooth.models import load_controlnet
+    from posebooth.subject import trained_pipelines
 
     _random_lora(tmp_path / "stage1", alpha=4.0, std=0.2, seed=1)
     style = _random_lora(tmp_path / "style", alpha=4.0, std=0.2, seed=2)

@@ -179,6 +179,41 @@ def test_sampling_knob_reruns_only_sample_and_evaluate(repo):
     assert "3.0" in json.dumps(table) or '"guidance_scale": 3' in json.dumps(table)
 
 
+METHOD_RUNS = {
+    "full": ["train.method=full", "train.train_text_encoder=true", "train.lr=1e-5"],
+    "custom_diffusion": ["train.method=custom_diffusion", "train.train_token_embedding=true"],
+    "textual_inversion": ["train.method=textual_inversion", "train.new_token=true"],
+    "momentum_ti": ["train.method=momentum_ti", "train.ti_steps=3"],
+}
+
+
+def test_every_method_runs_the_whole_pipeline_as_an_experiment(repo):
+    """`dvc exp run -S train.method=<m>` for the four methods the default run does not use (it uses lora),
+    each in its own temporary workspace; `dvc exp show` then holds a row per method with its metrics."""
+    root, _ = repo
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "outputs", "--allow-empty"], root)
+    for name, sets in METHOD_RUNS.items():
+        out = run(
+            ["dvc", "exp", "run", "--temp", "-n", f"method-{name}", *[a for kv in sets for a in ("-S", kv)]], root
+        )
+        assert ran_stages(out.stdout) == STAGES[3:], (name, out.stdout[-2000:])
+    table = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    rows = {}
+    for commit in table:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                metrics = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+                stage1 = data.get("metrics", {}).get("metrics/train_stage1_appearance.json", {}).get("data", {})
+                rows[rev.get("name") or exp.get("name")] = (params.get("train", {}).get("method"), metrics, stage1)
+    for name in METHOD_RUNS:
+        method, metrics, stage1 = rows[f"method-{name}"]
+        assert method == name and stage1["method"] == name
+        assert metrics["n_images"] == 12 and -1 <= metrics["clip_i"] <= 1
+
+
 def test_a_bad_param_stops_a_stage_before_heavy_work(repo, tmp_path):
     root, _ = repo
     work = tmp_path / "w"
