@@ -40,10 +40,16 @@ class Trainable:
     named: dict[str, torch.nn.Parameter]  # the same parameters by name, for checkpoints
     text_encoder_trains: bool  # prompts must go through the text encoder at every step
     after_step: Callable[[], None] = field(default=lambda: None)  # after each optimizer step
+    one_row: set[int] = field(default_factory=set)  # ids of embedding tables of which one row learns
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.groups for p in g["params"]]
+
+    @property
+    def learned_values(self) -> int:
+        """How many numbers learn (an embedding table of which one row learns counts as that row)."""
+        return sum(p.shape[-1] if id(p) in self.one_row else p.numel() for p in self.params)
 
 
 def phases(method: str) -> list[str]:
@@ -139,10 +145,10 @@ def setup(phase: str, comp, t, identifier: str, class_noun: str) -> Trainable:
         if not t.train_token_embedding:
             return _trainable(comp, groups, False)
         token_row = _one_row_trainable(comp, t, identifier, class_noun)
-        return _trainable(comp, groups + [{"params": [token_row.param], "lr": t.lr}], True, token_row.restore)
+        return _trainable(comp, groups + [{"params": [token_row.param], "lr": t.lr}], True, token_row)
     if phase == "textual_inversion":
         token_row = _one_row_trainable(comp, t, identifier, class_noun)
-        return _trainable(comp, [{"params": [token_row.param], "lr": t.lr}], True, token_row.restore)
+        return _trainable(comp, [{"params": [token_row.param], "lr": t.lr}], True, token_row)
     if phase == "momentum":
         # The DreamBooth LoRA of the first phase stays active and frozen.
         token = identifier_token(tok, identifier)
@@ -153,11 +159,13 @@ def setup(phase: str, comp, t, identifier: str, class_noun: str) -> Trainable:
     raise ValueError(f"train.method: unknown phase {phase!r}")
 
 
-def _trainable(comp, groups, text_encoder_trains, after_step=None) -> Trainable:
+def _trainable(comp, groups, text_encoder_trains, token_row: _TokenRow | None = None) -> Trainable:
     ids = {id(p) for g in groups for p in g["params"]}
     named = {f"unet.{n}": p for n, p in comp.unet.named_parameters() if id(p) in ids}
     named |= {f"text_encoder.{n}": p for n, p in comp.text_encoder.named_parameters() if id(p) in ids}
-    return Trainable(groups, named, text_encoder_trains, after_step or (lambda: None))
+    if token_row is None:
+        return Trainable(groups, named, text_encoder_trains)
+    return Trainable(groups, named, text_encoder_trains, token_row.restore, {id(token_row.param)})
 
 
 @dataclass

@@ -13,7 +13,6 @@ import torch
 from posebooth import embedded, hub
 
 
-
 @dataclass
 class Components:
     """The parts of an SD 1.5-style pipeline that posebooth trains and samples with."""

@@ -106,7 +106,7 @@ def main() -> None:
         for phase in phases:
             steps = methods.phase_steps(phase, t)
             tr = methods.setup(phase, comp, t, c.identifier, c.class_noun)  # may add a token
-            trainable_count += sum(p.numel() for p in tr.params)
+            trainable_count += tr.learned_values
             models = [unet, text_encoder] if tr.text_encoder_trains else [unet]
             accelerator, models, optimizer, lr_scheduler = training.prepare(
                 models, tr.groups, t, c.device, c.precision, steps

@@ -211,6 +211,7 @@ def test_textual_inversion_keeps_other_rows_over_many_steps_with_weight_decay(ti
     now = comp.text_encoder.get_input_embeddings().weight.detach()
     moved = (now != table).any(dim=1).nonzero().flatten().tolist()
     assert moved == [48136]
+    assert tr.learned_values == table.shape[1]  # one row is what learns
 
 
 def test_new_token_starts_as_the_class_word(tiny_sd):
