@@ -80,8 +80,13 @@ class GenerateClassPriors:
 
 @dataclass(frozen=True)
 class ExtractPoses:
-    detector: Literal["sidecar", "openpose"]
+    detector: Literal["sidecar", "openpose", "dwpose"]
     openpose_weights: str  # hub id or local folder with body_pose_model.pth (detector: openpose)
+    dwpose_mode: Literal["performance", "balanced", "lightweight"]  # rtmlib's model sizes (detector: dwpose)
+    dwpose_det: str  # local .onnx person detector, or "" for the mode's (downloaded once)
+    dwpose_pose: str  # local .onnx whole-body model, or "" for the mode's
+    hands: bool  # also hand keypoints (openpose, dwpose), drawn in the pose maps
+    face: bool  # also face keypoints (openpose, dwpose)
     min_keypoints: int = _rng(1, 18)
     render_size: int = _rng(64, 4096)
 

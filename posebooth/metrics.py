@@ -85,23 +85,118 @@ def pck(predicted, target, alpha: float) -> float | None:
     return float(hit.mean())
 
 
-def pose_adherence(detector, images: list, targets: list, alpha: float = 0.2) -> dict:
-    """Detect the pose again on each generated image and compare it with its target pose (``Pose``).
+def oks(predicted, target, sigmas) -> float | None:
+    """Object keypoint similarity (COCO): mean over the target's visible keypoints of
+    ``exp(-d² / (2 s² k²))`` with ``k = 2σ`` per keypoint and ``s²`` the area of the target's keypoint
+    bounding box; a keypoint the prediction lacks contributes 0. ``None`` when the target has fewer than
+    two visible keypoints; 0 for no detection."""
+    import numpy as np
 
-    Returns PCK@alpha averaged over images (a missed detection scores 0), the detection rate, and the
-    number of images behind them.
-    """
-    scores, detected = [], 0
+    target = np.asarray(target, dtype=np.float64)
+    vis = target[:, 2] > 0
+    if vis.sum() < 2:
+        return None
+    if predicted is None:
+        return 0.0
+    predicted = np.asarray(predicted, dtype=np.float64)
+    xy = target[vis, :2]
+    area = max(np.ptp(xy[:, 0]) * np.ptp(xy[:, 1]), 1.0)
+    k = 2 * np.asarray(sigmas, dtype=np.float64)[vis]
+    d2 = ((predicted[vis, :2] - xy) ** 2).sum(axis=1)
+    sim = np.exp(-d2 / (2 * area * k**2)) * (predicted[vis, 2] > 0)
+    return float(sim.mean())
+
+
+def oks_ap(detections: list[tuple[float, float | None]]) -> float | None:
+    """COCO-style keypoint AP with one target pose per image: ``detections`` holds per image (detection
+    score, OKS with its target), score 0 and OKS 0 for a missed image. Detections are ranked by score; at
+    each OKS threshold 0.50, 0.55, ... 0.95 a detection is a true positive when its OKS reaches the
+    threshold; AP is the 101-point interpolated area under precision-recall, averaged over thresholds."""
+    import numpy as np
+
+    rows = [(score, o) for score, o in detections if o is not None]
+    if not rows:
+        return None
+    n_targets = len(rows)
+    found = sorted((r for r in rows if r[0] > 0), key=lambda r: -r[0])
+    if not found:
+        return 0.0
+    values = np.array([o for _, o in found])
+    aps = []
+    for threshold in np.linspace(0.5, 0.95, 10):
+        tp = np.cumsum(values >= threshold)
+        precision = tp / np.arange(1, len(values) + 1)
+        recall = tp / n_targets
+        precision = np.maximum.accumulate(precision[::-1])[::-1]  # interpolated: best precision to the right
+        points = [precision[recall >= r].max() if (recall >= r).any() else 0.0 for r in np.linspace(0, 1, 101)]
+        aps.append(float(np.mean(points)))
+    return float(np.mean(aps))
+
+
+def keypoint_cosine(predicted, target) -> float | None:
+    """Cosine similarity of the normalised keypoints both poses have: each set centred on its own mean
+    and flattened; 1 for the same pose at any position and scale. ``None`` with fewer than two common
+    keypoints or no detection."""
+    import numpy as np
+
+    if predicted is None:
+        return None
+    predicted, target = np.asarray(predicted, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    both = (predicted[:, 2] > 0) & (target[:, 2] > 0)
+    if both.sum() < 2:
+        return None
+    a, b = predicted[both, :2], target[both, :2]
+    a, b = (a - a.mean(0)).ravel(), (b - b.mean(0)).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return None
+    return float(a @ b / (na * nb))
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def pose_scores(found, target_kp, sigmas) -> dict:
+    """Every pose-adherence score of one image: a detected pose (or None) against its target keypoints
+    on the same canvas."""
+    kp = None if found is None else found.keypoints
+    score = 0.0 if kp is None else float(kp[kp[:, 2] > 0, 2].mean())
+    return {"detected": kp is not None, "score": score, "pck_0.1": pck(kp, target_kp, 0.1),
+            "pck_0.2": pck(kp, target_kp, 0.2), "oks": oks(kp, target_kp, sigmas),
+            "cosine": keypoint_cosine(kp, target_kp)}  # fmt: skip
+
+
+def summarise_pose_scores(rows: list[dict]) -> dict:
+    """Detection rate, PCK@0.1 and @0.2 (a miss scores 0), OKS AP, mean OKS, keypoint cosine (over
+    detections), and the number of images behind them."""
+    return {
+        "detection_rate": round(sum(r["detected"] for r in rows) / len(rows), 6) if rows else None,
+        "pck_0.1": _mean(r["pck_0.1"] for r in rows),
+        "pck_0.2": _mean(r["pck_0.2"] for r in rows),
+        "oks_ap": None if not rows else (lambda v: None if v is None else round(v, 6))(
+            oks_ap([(r["score"], r["oks"]) for r in rows])),
+        "mean_oks": _mean(r["oks"] for r in rows),
+        "keypoint_cosine": _mean(r["cosine"] for r in rows),
+        "n_images": len(rows),
+    }  # fmt: skip
+
+
+def pose_adherence(detector, images: list, targets: list, names: list[str] | None = None) -> dict:
+    """Detect the pose again on each generated image and compare it with its target pose (``Pose``):
+    overall and, with ``names`` (the target pose of each image), per target pose."""
+    rows = []
     for image, target in zip(images, targets, strict=True):
         found = detector.detect(image)
-        detected += found is not None
+        if found is not None and len(found.keypoints) != len(target.keypoints):
+            found = None  # another skeleton than the target's: nothing to compare
         target_kp = scale_pose_keypoints(target.keypoints, (target.width, target.height), image.size)
-        score = pck(None if found is None else found.keypoints, target_kp, alpha)
-        if score is not None:
-            scores.append(score)
-    return {
-        "detector": detector.name,
-        f"pck_{alpha}": round(sum(scores) / len(scores), 6) if scores else None,
-        "detection_rate": round(detected / len(images), 6) if images else None,
-        "n_images": len(images),
-    }
+        rows.append(pose_scores(found, target_kp, target.skeleton.sigmas or [0.05] * len(target.keypoints)))
+    result = {"detector": detector.name, **summarise_pose_scores(rows)}
+    if names is not None:
+        result["per_pose"] = {
+            n: summarise_pose_scores([r for r, m in zip(rows, names, strict=True) if m == n])
+            for n in dict.fromkeys(names)
+        }
+    return result

@@ -90,7 +90,7 @@ def main() -> None:
         result["pose_adherence"] = "not measured: the sidecar detector cannot detect poses on generated images"
     else:
         targets = [load_pose(Path(entries[i]["pose_file"])) for i in posed]
-        detector = make_detector(ep.detector, ep.openpose_weights)
+        detector = make_detector(ep.detector, ep, c.device)
         result["pose_adherence"] = pose_adherence(detector, [generated[i] for i in posed], targets)
     if result["stand_in"]:
         log.warning("stand-in backbones in use: these numbers test the pipeline and measure nothing")

@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = config.load(["common", "extract_poses"])
     e = cfg.extract_poses
-    detector = make_detector(e.detector, e.openpose_weights)
+    detector = make_detector(e.detector, e, cfg.common.device)
 
     prepared, priors = Path(args.prepared), Path(args.class_priors)
     items = [  # (kind, name, image file, sidecar keypoints or None, source)

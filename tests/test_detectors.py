@@ -7,9 +7,10 @@ import warnings
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from posebooth import hub
+from posebooth import config, hub
 from posebooth.detectors import OpenposeDetector, SidecarDetector, make_detector, pose_from_bodies
 from posebooth.poses import Pose, PoseError
 from tests.conftest import ROOT
@@ -75,8 +76,14 @@ def random_openpose_weights(tmp_path_factory):
     return folder
 
 
+def settings(**change):
+    """An ``extract_poses`` section as params.yaml has it, with ``change``."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["extract_poses"] | change
+    return config.build_section("extract_poses", raw)
+
+
 def test_openpose_from_a_local_folder_runs_offline(random_openpose_weights):
-    detector = make_detector("openpose", str(random_openpose_weights))
+    detector = make_detector("openpose", settings(openpose_weights=str(random_openpose_weights)))
     image = Image.open(ROOT / "data" / "subject" / "robot_03.png").convert("RGB").resize((64, 64))
     pose = detector.detect(image)  # random weights: a pose or none, but the real code path runs
     assert pose is None or isinstance(pose, Pose)
@@ -93,13 +100,13 @@ def test_openpose_offline_fails_within_seconds_naming_the_weights(monkeypatch, t
     start = time.monotonic()
     with pytest.raises(
         OSError,
-        match=r"OpenPose weights \(body_pose_model.pth\) 'lllyasviel/Annotators' is not on this machine.*hf download lllyasviel/Annotators",
+        match=r"OpenPose body weights \(body_pose_model.pth\) 'lllyasviel/Annotators' is not on this machine.*hf download lllyasviel/Annotators",
     ):
-        make_detector("openpose", "lllyasviel/Annotators")
+        make_detector("openpose", settings())
     assert time.monotonic() - start < 15
     hub.hub_reachable.cache_clear()
     with pytest.raises(FileNotFoundError, match=r"the folder has no body_pose_model.pth"):
-        make_detector("openpose", str(tmp_path))
+        make_detector("openpose", settings(openpose_weights=str(tmp_path)))
 
 
 def test_sidecar_detector(tmp_path):
@@ -115,3 +122,80 @@ def test_sidecar_detector(tmp_path):
 def test_unknown_detector():
     with pytest.raises(ValueError, match=r"extract_poses.detector: unknown detector 'magic'"):
         make_detector("magic")
+
+
+def _wholebody(n_people: int = 2):
+    """rtmlib Wholebody output in OpenPose order: (N, 134, 2) keypoints and (N, 134) scores."""
+    kp = np.zeros((n_people, 134, 2))
+    sc = np.zeros((n_people, 134))
+    for p in range(n_people):
+        kp[p, :, 0] = np.linspace(10, 50, 134) + p
+        kp[p, :, 1] = np.linspace(5, 40, 134)
+        sc[p] = 0.5 + 0.2 * p  # the second person scores higher
+    sc[:, 3] = 0.1  # under DWPose's 0.3: absent
+    return kp, sc
+
+
+def test_wholebody_output_becomes_an_openpose_pose():
+    from posebooth.detectors import pose_from_wholebody
+
+    kp, sc = _wholebody()
+    pose = pose_from_wholebody(kp, sc, 64, 48, hands=True, face=True)
+    assert pose.keypoints.shape == (18, 3) and pose.keypoints[0, 0] == pytest.approx(kp[1, 0, 0])  # best person
+    assert not pose.visible[3] and pose.visible.sum() == 17
+    assert pose.hands.shape == (2, 21, 3) and pose.hands[0, 0, 0] == pytest.approx(kp[1, 92, 0])  # left hand first
+    assert pose.face.shape == (70, 3) and not (pose.face[68:, 2] > 0).any()  # DWPose has no pupils
+    assert pose_from_wholebody(np.zeros((0, 134, 2)), np.zeros((0, 134)), 64, 48, False, False) is None
+    assert pose_from_wholebody(kp, np.zeros_like(sc), 64, 48, False, False) is None
+
+
+def test_dwpose_detector_with_an_injected_estimator():
+    from posebooth.detectors import DwposeDetector
+
+    seen = []
+
+    def estimator(bgr):
+        seen.append(bgr.shape)
+        return _wholebody(1)
+
+    det = DwposeDetector(estimator=estimator)
+    pose = det.detect(Image.new("RGB", (64, 48)))
+    assert det.name == "dwpose" and seen == [(48, 64, 3)] and pose.hands is None and pose.visible.sum() == 17
+
+
+def test_dwpose_offline_fails_at_once_naming_the_files(monkeypatch, tmp_path):
+    pytest.importorskip("rtmlib")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty rtmlib cache
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"DWPose weights are not on this machine.*rtmw-dw-.*\.zip.*dwpose_pose"):
+        make_detector("dwpose", settings(detector="dwpose"))
+    assert time.monotonic() - start < 10
+    with pytest.raises(FileNotFoundError, match=r"DWPose weights .*nope.onnx: no such file"):
+        make_detector("dwpose", settings(detector="dwpose", dwpose_pose=str(tmp_path / "nope.onnx")))
+
+
+def test_openpose_hands_and_face_with_injected_models():
+    from tests.test_stages_openpose import FullBodyStub
+
+    class HandStub:
+        def __call__(self, crop):
+            return np.tile([2.0, 3.0], (21, 1))  # every point 2, 3 px into its crop
+
+    class FaceStub:
+        def __call__(self, crop):
+            return "heatmaps"
+
+        @staticmethod
+        def compute_peaks_from_heatmaps(heatmaps):
+            return np.tile([1.0, 1.0], (70, 1))
+
+    det = OpenposeDetector("unused", FullBodyStub(), hand=HandStub(), face_model=FaceStub())
+    image = Image.new("RGB", (256, 256), (90, 90, 90))
+    pose = det.detect(image)
+    assert pose.visible.sum() == 18
+    assert pose.hands is not None and pose.hands.shape == (2, 21, 3)
+    assert (pose.hands[:, :, 2] > 0).any()  # the stub's points, moved into image coordinates
+    assert pose.face is None or pose.face.shape == (70, 3)
+    plain = OpenposeDetector("unused", FullBodyStub()).detect(image)
+    assert plain.hands is None and plain.face is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,7 +110,94 @@ def test_pose_adherence_redetects_on_generated_images():
     target = Pose(512, 512, _kp({0: (100, 100), 1: (100, 300), 2: (300, 300)}))
     images = [Image.new("RGB", (64, 64))] * 3
     exact = scale_pose_keypoints(target.keypoints, (512, 512), (64, 64))  # the target on the 64 px image
-    hit = pose_adherence(_FixedDetector(exact), images, [target] * 3)
-    assert hit == {"detector": "fixed", "pck_0.2": 1.0, "detection_rate": 1.0, "n_images": 3}
+    hit = pose_adherence(_FixedDetector(exact), images, [target] * 3, ["a", "a", "b"])
+    assert {k: hit[k] for k in ("detector", "pck_0.1", "pck_0.2", "detection_rate", "oks_ap", "mean_oks",
+                                "keypoint_cosine", "n_images")} == {
+        "detector": "fixed", "pck_0.1": 1.0, "pck_0.2": 1.0, "detection_rate": 1.0, "oks_ap": 1.0, "mean_oks": 1.0,
+        "keypoint_cosine": 1.0, "n_images": 3}  # fmt: skip
+    assert hit["per_pose"]["a"]["n_images"] == 2 and hit["per_pose"]["b"]["n_images"] == 1
     miss = pose_adherence(_FixedDetector(None), images, [target] * 3)
-    assert miss["pck_0.2"] == 0.0 and miss["detection_rate"] == 0.0
+    assert miss["pck_0.2"] == 0.0 and miss["detection_rate"] == 0.0 and miss["oks_ap"] == 0.0
+    assert miss["keypoint_cosine"] is None  # no detection: nothing to compare, said by the detection rate
+
+
+# Pose metrics on hand-placed keypoints (OpenPose-18 order: 0 nose, 1 neck, 2-4 right arm, 5-7 left arm ...).
+BODY = {0: (250, 100), 1: (250, 150), 2: (200, 150), 3: (180, 220), 4: (170, 290), 5: (300, 150),
+        6: (320, 220), 7: (330, 290), 8: (220, 300), 9: (215, 400), 11: (280, 300), 12: (285, 400)}  # fmt: skip
+
+
+def test_identical_poses_score_one_everywhere():
+    from posebooth.metrics import keypoint_cosine, oks, pck
+    from posebooth.poses import COCO_SIGMAS
+
+    kp = _kp(BODY)
+    assert pck(kp, kp, 0.1) == 1.0 and pck(kp, kp, 0.2) == 1.0
+    assert oks(kp, kp, COCO_SIGMAS) == 1.0 and keypoint_cosine(kp, kp) == pytest.approx(1.0)
+
+
+def test_translation_and_scale_cosine_is_invariant_pck_and_oks_are_not():
+    from posebooth.metrics import keypoint_cosine, oks, pck
+    from posebooth.poses import COCO_SIGMAS
+
+    kp = _kp(BODY)
+    moved = kp.copy()
+    moved[:, :2] = (kp[:, :2] - 250) * 0.5 + 400  # half the size, elsewhere on the canvas
+    moved[kp[:, 2] == 0] = 0
+    assert keypoint_cosine(moved, kp) == pytest.approx(1.0)  # the same pose, as defined: shape only
+    assert pck(moved, kp, 0.2) < 0.5 and oks(moved, kp, COCO_SIGMAS) < 0.1  # placement matters to these
+    nudged = kp.copy()
+    nudged[kp[:, 2] > 0, 0] += 20  # 20 px to the right; the target's box is 300 px: 0.067 of it
+    assert pck(nudged, kp, 0.1) == 1.0 and pck(nudged, kp, 0.05) == 0.0
+
+
+def test_missing_keypoints_count_against_pck_and_oks_and_are_skipped_by_cosine():
+    from posebooth.metrics import keypoint_cosine, oks, pck
+    from posebooth.poses import COCO_SIGMAS
+
+    kp = _kp(BODY)
+    partial = kp.copy()
+    partial[[3, 4, 6, 7]] = 0  # no elbows or wrists found: 4 of the 12 visible keypoints
+    assert pck(partial, kp, 0.2) == pytest.approx(8 / 12)
+    assert oks(partial, kp, COCO_SIGMAS) == pytest.approx(8 / 12)
+    assert keypoint_cosine(partial, kp) == pytest.approx(1.0)  # over the keypoints both have
+    assert pck(kp, partial, 0.2) == 1.0  # extra keypoints in the prediction cost nothing
+
+
+def test_a_left_right_swap_is_caught():
+    from posebooth.metrics import keypoint_cosine, oks, pck
+    from posebooth.poses import COCO_SIGMAS, Pose, mirror_pose
+
+    kp = _kp(BODY)
+    swapped = kp.copy()
+    for r, left in ((2, 5), (3, 6), (4, 7), (8, 11), (9, 12)):
+        swapped[[r, left]] = swapped[[left, r]]
+    assert pck(swapped, kp, 0.2) < 0.7 and oks(swapped, kp, COCO_SIGMAS) < 0.7 and keypoint_cosine(swapped, kp) < 0.9
+    # Mirroring the image and swapping the sides gives the anatomically same pose back: x -> W - x.
+    mirrored = mirror_pose(Pose(500, 500, kp)).keypoints
+    back = mirror_pose(Pose(500, 500, mirrored)).keypoints
+    assert np.allclose(back, kp)
+    assert mirrored[2, 0] == pytest.approx(500 - kp[5, 0])  # right shoulder now where the left one mirrored is
+
+
+def test_an_empty_detection():
+    from posebooth.metrics import keypoint_cosine, oks, oks_ap, pck, pose_scores, summarise_pose_scores
+    from posebooth.poses import COCO_SIGMAS
+
+    kp = _kp(BODY)
+    assert pck(None, kp, 0.2) == 0.0 and oks(None, kp, COCO_SIGMAS) == 0.0 and keypoint_cosine(None, kp) is None
+    assert oks_ap([]) is None and oks_ap([(0.0, 0.0)] * 3) == 0.0
+    rows = [pose_scores(None, kp, COCO_SIGMAS)] * 2
+    summary = summarise_pose_scores(rows)
+    assert summary["detection_rate"] == 0.0 and summary["pck_0.2"] == 0.0 and summary["n_images"] == 2
+
+
+def test_oks_ap_by_hand():
+    from posebooth.metrics import oks_ap
+
+    # Two images: one found with OKS 0.9 (score 0.8), one missed: recall tops out at 0.5 at every threshold
+    # up to 0.9 with precision 1, so AP = 0.5 x (51/101) for thresholds 0.5-0.9 and 0 at 0.95.
+    ap = oks_ap([(0.8, 0.9), (0.0, 0.0)])
+    assert ap == pytest.approx((9 * 51 / 101 + 0) / 10)
+    assert oks_ap([(0.9, 1.0), (0.5, 1.0)]) == pytest.approx(1.0)
+    # A confident bad detection ranked first lowers precision: below the same set ranked the other way.
+    assert oks_ap([(0.9, 0.1), (0.5, 1.0)]) < oks_ap([(0.9, 1.0), (0.5, 0.1)])

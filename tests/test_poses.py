@@ -99,3 +99,113 @@ def test_target_poses_must_live_in_the_tracked_folder_with_distinct_names(tmp_pa
     elsewhere.write_text((folder / "wave.json").read_text())
     with pytest.raises(PoseError, match=r"sample.poses: .*mine.json must lie in target_poses/"):
         load_target_poses([str(elsewhere)], folder)
+
+
+QUADRUPED = {
+    "name": "quadruped",
+    "keypoints": ["nose", "withers", "tail", "left_front_paw", "right_front_paw", "left_hind_paw", "right_hind_paw"],
+    "limbs": [["nose", "withers"], ["withers", "tail"], ["withers", "left_front_paw"],
+              ["withers", "right_front_paw"], ["tail", "left_hind_paw"], ["tail", "right_hind_paw"]],
+    "colors": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]],
+}  # fmt: skip
+
+
+def _custom(**change):
+    kp = {"nose": [60, 40, 1], "withers": [120, 60, 1], "tail": [300, 60, 1], "left_front_paw": [110, 200, 0.9],
+          "right_front_paw": [140, 200, 0.9], "left_hind_paw": [290, 200, 0.8]}  # fmt: skip
+    doc = {"format": "custom", "width": 400, "height": 250, "skeleton": QUADRUPED, "keypoints": kp}
+    doc.update(change)
+    return doc
+
+
+def test_custom_skeleton_reads_renders_in_its_own_colours_and_round_trips(tmp_path):
+    from posebooth.poses import parse_pose
+
+    pose = parse_pose(_custom(), "dog.json")
+    assert pose.skeleton.name == "quadruped" and pose.keypoints.shape == (7, 3)
+    assert not pose.visible[6]  # right_hind_paw not given: absent
+    assert parse_pose(pose.to_json(), "again").keypoints.tolist() == pose.keypoints.tolist()
+    image = np.asarray(render_pose(pose, 256, 512))
+    colours = {tuple(int(v * 0.6) for v in c) for c in QUADRUPED["colors"][:5]}  # the drawn limbs, at 60 %
+    present = {tuple(p) for p in image.reshape(-1, 3)}
+    assert colours <= present  # every limb with both ends present is drawn in its own colour
+    assert tuple(int(v * 0.6) for v in QUADRUPED["colors"][5]) not in present  # its paw is absent: not drawn
+    assert image[0, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(keypoints={"nose": [1, 2, 1], "paw": [3, 4, 1]}), r"unknown keypoint name\(s\) \['paw'\]"),
+        (dict(keypoints={"nose": [float("nan"), 2, 1]}), r"'nose' has a NaN"),
+        (dict(keypoints={"nose": [900, 2, 1]}), r"'nose' at \(900, 2\) lies outside the 400 x 250"),
+        (dict(keypoints=[[1, 2, 1]]), r"keypoints must be an object"),
+        (dict(skeleton=QUADRUPED | {"limbs": [["nose", "ear"]], "colors": [[1, 2, 3]]}), r"unknown keypoint 'ear'"),
+        (dict(skeleton=QUADRUPED | {"colors": [[1, 2, 3]]}), r"one \[r, g, b\] per limb \(6\)"),
+        (dict(skeleton=QUADRUPED | {"keypoints": ["nose", "nose"], "limbs": [], "colors": []}), r"repeated name"),
+        (dict(skeleton=QUADRUPED | {"colors": [[300, 0, 0]] * 6}), r"colour \[300, 0, 0\]"),
+    ],
+)
+def test_invalid_custom_files_name_the_file(tmp_path, change, message):
+    path = tmp_path / "dog.json"
+    path.write_text(json.dumps(_custom(**change)))
+    with pytest.raises(PoseError, match=rf"dog.json: .*{message}"):
+        load_pose(path)
+
+
+def test_hands_and_face_are_validated_and_drawn():
+    from posebooth.poses import parse_pose
+
+    doc = _doc()
+    doc["hands"] = [[[30 + i, 50, 1] for i in range(21)], [[0, 0, 0]] * 21]
+    doc["face"] = [[50 + i % 10, 10 + i // 10, 1] for i in range(70)]
+    pose = parse_pose(doc, "p.json")
+    assert pose.hands.shape == (2, 21, 3) and pose.face.shape == (70, 3)
+    with_parts = np.asarray(render_pose(pose, 128, 512))
+    without = np.asarray(render_pose(parse_pose(_doc(), "q.json"), 128, 512))
+    assert (with_parts != without).any()
+    with pytest.raises(PoseError, match=r"p.json: hands\[0\] needs 21 keypoints, got 3"):
+        parse_pose(doc | {"hands": [[[1, 1, 1]] * 3, [[1, 1, 1]] * 21]}, "p.json")
+    with pytest.raises(PoseError, match=r"p.json: unknown field\(s\) \['feet'\]"):
+        parse_pose(doc | {"feet": []}, "p.json")
+
+
+def test_mirror_and_scale():
+    from posebooth.poses import mirror_pose, parse_pose, scale_pose
+
+    dog = parse_pose(_custom(), "dog.json")
+    m = mirror_pose(dog)
+    names = dog.skeleton.names
+    assert m.keypoints[names.index("right_front_paw")].tolist() == [400 - 110, 200, 0.9]  # the left paw, mirrored
+    assert not m.visible[names.index("left_hind_paw")]  # the absent right hind paw is now the left one
+    s = scale_pose(dog, 0.5)
+    vis = dog.visible
+    centre = (dog.keypoints[vis, :2].min(0) + dog.keypoints[vis, :2].max(0)) / 2
+    assert np.allclose(s.keypoints[vis, :2], (dog.keypoints[vis, :2] - centre) * 0.5 + centre)
+    big = scale_pose(dog, 3.0)
+    assert big.visible.sum() < vis.sum()  # points pushed off the canvas become absent
+
+
+def test_target_pose_library_takes_files_images_and_variants(tmp_path):
+    from PIL import Image
+
+    from posebooth.poses import load_target_poses
+
+    folder = tmp_path / "target_poses"
+    folder.mkdir()
+    (folder / "dog.json").write_text(json.dumps(_custom()))
+    Image.new("RGB", (64, 48)).save(folder / "ref.png")
+    found = Pose(64, 48, np.tile([10.0, 20.0, 1.0], (18, 1)))
+    entries = [str(folder / "dog.json"), str(folder / "dog.json#mirror"), str(folder / "dog.json#mirror,scale=0.5"),
+               str(folder / "ref.png")]  # fmt: skip
+    poses = load_target_poses(entries, folder, detect=lambda image: found)
+    assert list(poses) == ["dog", "dog_mirror", "dog_mirror_x0.5", "ref"]
+    assert poses["ref"] is found
+    with pytest.raises(PoseError, match=r"ref.png is an image; reading its pose needs extract_poses.detector"):
+        load_target_poses([str(folder / "ref.png")], folder)
+    with pytest.raises(PoseError, match=r"the detector found no pose in it"):
+        load_target_poses([str(folder / "ref.png")], folder, detect=lambda image: None)
+    with pytest.raises(PoseError, match=r"unknown modifier 'flip'"):
+        load_target_poses([str(folder / "dog.json#flip")], folder)
+    with pytest.raises(PoseError, match=r"scale must be a positive number"):
+        load_target_poses([str(folder / "dog.json#scale=-1")], folder)

@@ -46,7 +46,9 @@ def test_class_pose_pairs_flow_into_stage2(tmp_path, monkeypatch):
     params["extract_poses"]["detector"] = "openpose"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(extract_poses, "make_detector", lambda name, weights: OpenposeDetector(weights, FullBodyStub()))
+    monkeypatch.setattr(
+        extract_poses, "make_detector", lambda name, e, device: OpenposeDetector(e.openpose_weights, FullBodyStub())
+    )
 
     for stage in (prepare_images, generate_class_priors, extract_poses):
         run(stage, monkeypatch)
