@@ -13,7 +13,10 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "posebooth needs Python 3.11, found " + sys.version' 
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	# requirements.txt pins the whole environment, so no dependency resolution is needed (--no-deps).
+	# It also keeps rtmlib (DWPose) from pulling opencv-python and opencv-contrib-python, which would
+	# overwrite opencv-python-headless<5 (the same cv2 module; rtmlib only needs cv2).
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

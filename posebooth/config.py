@@ -76,6 +76,8 @@ class GenerateClassPriors:
     guidance_scale: float = _nonneg()
     scheduler: Literal[SCHEDULERS]
     negative_prompt: str
+    pose_paired: bool  # generate through `controlnet` from the instance poses: (class image, pose) pairs
+    controlnet: str  # the base OpenPose ControlNet for pose_paired: hub id, local folder or embedded
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,11 @@ class TrainPose(Optimisation):
     """Stage 2: the OpenPose ControlNet on the subject's (image, pose map) pairs, identity frozen."""
 
     controlnet: str  # "from_unet", "embedded:tiny-sd15-openpose", a hub id or a local folder
+    mode: Literal["full", "lora"]  # fine-tune the whole ControlNet, or a LoRA on it
+    rank: int = _rng(1)  # mode lora
+    alpha: float = _positive()
+    train_unet_lora: bool  # also go on training the stage-1 UNet LoRA (MagicPose keeps it frozen)
+    unet_lr: float = _positive()  # its learning rate
     empty_prompt_prob: float = _prob()
 
 
@@ -158,6 +165,8 @@ class Sample:
     steps: int = _rng(1)
     guidance_scale: float = _nonneg()
     conditioning_scale: float = _nonneg()
+    control_guidance_start: float = _prob()  # the ControlNet steers from this fraction of the steps ...
+    control_guidance_end: float = _prob()  # ... to this one
     scheduler: Literal[SCHEDULERS]
     negative_prompt: str
     pose_free: bool
@@ -341,6 +350,11 @@ def _cross_checks(cfg: Config) -> None:
             )
         for i, p in enumerate(cfg.sample.prompts):
             _check_template(f"sample.prompts[{i}]", p)
+        if cfg.sample.control_guidance_start >= cfg.sample.control_guidance_end:
+            raise ConfigError(
+                f"sample.control_guidance_start: {cfg.sample.control_guidance_start} must be below "
+                f"sample.control_guidance_end ({cfg.sample.control_guidance_end})"
+            )
         if not cfg.sample.prompts or not cfg.sample.seeds:
             raise ConfigError("sample.prompts and sample.seeds: each needs at least one entry")
     for name in ("train", "train_pose"):

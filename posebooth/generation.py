@@ -26,10 +26,13 @@ def generate(
     negative_prompt: str = "",
     control_image: Image.Image | None = None,
     conditioning_scale: float = 1.0,
+    control_guidance: tuple[float, float] = (0.0, 1.0),
 ) -> list[Image.Image]:
     """One image per seed for ``prompt`` in a single batch; image i depends only on ``seeds[i]``.
 
     Each image gets its own ``torch.Generator``, so the result does not depend on how seeds are batched.
+    ``control_guidance`` is the (start, end) fraction of the denoising steps during which the ControlNet
+    steers.
     """
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     kwargs = dict(
@@ -42,5 +45,6 @@ def generate(
         generator=generators,
     )
     if control_image is not None:
-        kwargs.update(image=control_image, controlnet_conditioning_scale=conditioning_scale)
+        kwargs.update(image=control_image, controlnet_conditioning_scale=conditioning_scale,
+                      control_guidance_start=control_guidance[0], control_guidance_end=control_guidance[1])  # fmt: skip
     return pipe(**kwargs).images

@@ -44,23 +44,23 @@ def add_text_encoder_lora(text_encoder, rank: int, alpha: float) -> list[torch.n
     return params
 
 
-def _layers_and_metadata(model) -> tuple[dict, dict]:
+def _layers_and_metadata(model, adapter: str = "default") -> tuple[dict, dict]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter))
     # PEFT keeps target_modules as a set, whose order changes from process to process: sort it, so that
     # the same training gives the same file, byte for byte.
-    config = model.peft_config["default"].to_dict()
+    config = model.peft_config[adapter].to_dict()
     return layers, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def save_unet_lora(unet, folder: str | Path, text_encoder=None) -> Path:
+def save_unet_lora(unet, folder: str | Path, text_encoder=None, adapter: str = "default") -> Path:
     """Write the UNet's LoRA (and the text encoder's, if given) as ``pytorch_lora_weights.safetensors``
     in diffusers' key layout with the adapter configs: what ``pipe.load_lora_weights(folder)`` reads."""
     from diffusers import StableDiffusionPipeline
 
-    unet_layers, unet_meta = _layers_and_metadata(unet)
+    unet_layers, unet_meta = _layers_and_metadata(unet, adapter)
     te = dict(zip(("text_encoder_lora_layers", "text_encoder_lora_adapter_metadata"),
                   _layers_and_metadata(text_encoder), strict=True)) if text_encoder is not None else {}  # fmt: skip
     StableDiffusionPipeline.save_lora_weights(
@@ -95,6 +95,38 @@ def load_unet_lora(unet, folder: str | Path, adapter_name: str = "identity") -> 
         raise FileNotFoundError(f"{path}: missing; run train_stage1_appearance first (dvc repro)")
     unet.load_lora_adapter(str(folder), prefix="unet", adapter_name=adapter_name, use_safetensors=True)
     unet.requires_grad_(False)
+
+
+# A ControlNet LoRA: attention projections, and the layers that read the pose: the pose encoder's convs and
+# the zero convolutions (zero-initialised from a UNet, so a LoRA on attention alone would never see a gradient).
+CONTROLNET_TARGETS = (
+    r".*(to_q|to_k|to_v|to_out\.0|controlnet_down_blocks\.\d+|controlnet_mid_block"
+    r"|controlnet_cond_embedding\.(conv_in|conv_out|blocks\.\d+))$"
+)
+
+
+def add_controlnet_lora(controlnet, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """A LoRA on a ControlNet (its own weights frozen); returns the trainable parameters."""
+    from peft import LoraConfig
+
+    controlnet.requires_grad_(False)
+    controlnet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=CONTROLNET_TARGETS)
+    )
+    params = [p for p in controlnet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def save_controlnet_lora(controlnet, folder: str | Path) -> Path:
+    """``pytorch_lora_weights.safetensors`` that ``controlnet.load_lora_adapter(folder, prefix=None,
+    use_safetensors=True)`` reads."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    controlnet.save_lora_adapter(str(folder), adapter_name="default", safe_serialization=True)
+    path = Path(folder) / LORA_FILE
+    _rewrite_canonically(path)
+    return path
 
 
 KOHYA_FILE = "subject_lora_kohya.safetensors"

@@ -70,11 +70,15 @@ def trained_pipelines(
     ``extra_loras`` are further LoRAs (a folder or a ``.safetensors`` file, for example a style) with their
     weights, active next to the subject's LoRA, which is scaled by ``subject_scale``.
     """
-    from posebooth.models import load_controlnet, sd_pipeline
+    from posebooth.models import sd_pipeline
 
-    controlnet = load_controlnet(str(Path(stage2) / "controlnet"), device=device, precision=precision)
+    controlnet = load_stage2_controlnet(stage2, device, precision)
     posed = sd_pipeline(comp, scheduler, controlnet)
     has_lora = load_into(posed, stage1)  # into the modules both pipelines share
+    if (Path(stage2) / "unet_lora" / LORA_FILE).exists():  # stage 2 went on training the UNet LoRA
+        posed.unet.delete_adapters("subject")
+        posed.unet.load_lora_adapter(str(Path(stage2) / "unet_lora"), prefix="unet", adapter_name="subject",
+                                     use_safetensors=True)  # fmt: skip
     names, weights = (["subject"], [subject_scale]) if has_lora else ([], [])
     if not has_lora and subject_scale != 1.0:
         log.warning("sample.subject_lora_scale: %s ignored; the stage-1 method saved no LoRA", subject_scale)
@@ -96,3 +100,23 @@ def trained_pipelines(
         # UNet and VAE serve the pose-free pipeline too (a second call would re-chain them).
         posed.enable_model_cpu_offload()
     return posed, free
+
+
+def load_stage2_controlnet(stage2: str | Path, device: str, precision: str):
+    """The stage-2 ControlNet: ``controlnet/`` (full fine-tune), or its base (``controlnet_base/`` or the
+    reference in ``controlnet_base.json``) with ``controlnet_lora/`` loaded the stock way."""
+    from posebooth.models import load_controlnet
+    from posebooth.outputs import read_json
+
+    stage2 = Path(stage2)
+    if (stage2 / "controlnet").is_dir():
+        return load_controlnet(str(stage2 / "controlnet"), device=device, precision=precision)
+    if not (stage2 / "controlnet_lora" / LORA_FILE).exists():
+        raise FileNotFoundError(
+            f"{stage2}: neither controlnet/ nor controlnet_lora/; run train_stage2_pose (dvc repro)"
+        )
+    base = str(stage2 / "controlnet_base") if (stage2 / "controlnet_base").is_dir() else None
+    base = base or read_json(stage2 / "controlnet_base.json")["controlnet"]
+    controlnet = load_controlnet(base, device=device, precision=precision)
+    controlnet.load_lora_adapter(str(stage2 / "controlnet_lora"), prefix=None, use_safetensors=True)
+    return controlnet

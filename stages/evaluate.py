@@ -1,12 +1,13 @@
 """evaluate: the DreamBooth paper's DINO, CLIP-I and CLIP-T, and LPIPS diversity, on the samples.
 
-Reads:  params common.identifier, common.seed, common.device, evaluate.*, extract_poses.detector and
-        extract_poses.openpose_weights; samples/ (index.json, images), data/prepared, the target pose files.
+Reads:  params common.identifier, common.seed, common.device, evaluate.*, the extract_poses detector's
+        settings; samples/ (index.json, images, poses/*.json target keypoints), data/prepared.
 Writes: metrics/evaluate.json (cache: false, committed, so `dvc metrics diff` compares experiments).
 DINO and CLIP-I compare every generated image with every prepared reference photo; CLIP-T compares each
 image with its prompt, the identifier removed (the paper's text fidelity). Pose adherence: the pose is
 detected again on each posed sample with the extract_poses detector and compared with its target
-(PCK@0.2); the sidecar detector cannot read generated images, so it is then "not measured".
+(detection rate, PCK@0.1 and @0.2, OKS AP, keypoint cosine; overall and per target pose); the sidecar
+detector cannot read generated images, so it is then "not measured", with why.
 Every number states how many images it rests on and whether its backbone is a stand-in.
 """
 
@@ -89,9 +90,11 @@ def main() -> None:
     elif ep.detector == "sidecar":  # sidecar keypoints exist only for the training photos
         result["pose_adherence"] = "not measured: the sidecar detector cannot detect poses on generated images"
     else:
-        targets = [load_pose(Path(entries[i]["pose_file"])) for i in posed]
+        targets = [load_pose(Path(args.samples) / entries[i]["pose_keypoints"]) for i in posed]
         detector = make_detector(ep.detector, ep, c.device)
-        result["pose_adherence"] = pose_adherence(detector, [generated[i] for i in posed], targets)
+        result["pose_adherence"] = pose_adherence(
+            detector, [generated[i] for i in posed], targets, [entries[i]["pose"] for i in posed]
+        )
     if result["stand_in"]:
         log.warning("stand-in backbones in use: these numbers test the pipeline and measure nothing")
     outputs.write_json(args.metrics, result)

@@ -1,7 +1,7 @@
 """extract_poses: keypoints and OpenPose-style pose maps for the instance and class images.
 
 Reads:  params common.resolution, extract_poses.*; data/prepared (images, sidecar keypoints),
-        data/class_priors (class images).
+        data/class_priors (class images, and the poses of pose-paired ones, used as they are).
 Writes: data/poses/ (keypoints/*.json, maps/*.png on black, report.json), metrics/extract_poses.json.
 Images without a usable pose are listed in the report (with why) and left out of pose training. The
 sidecar detector has no annotations for class images: stage 2 then trains on instance pairs only.
@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from posebooth import config, outputs
-from posebooth.detectors import make_detector
+from posebooth.detectors import SidecarDetector, make_detector
 from posebooth.poses import render_pose
 
 log = logging.getLogger("extract_poses")
@@ -38,10 +38,11 @@ def main() -> None:
     items = [  # (kind, name, image file, sidecar keypoints or None, source)
         ("instance", r["name"], prepared / "images" / f"{r['name']}.png", prepared / "keypoints" / f"{r['name']}.json", r["source"])
         for r in outputs.read_json(prepared / "manifest.json")["images"]
-    ] + [
-        ("class", Path(r["file"]).stem, priors / r["file"], None, r["file"])
+    ] + [  # pose-paired class images carry the pose they were generated from
+        ("class", Path(r["file"]).stem, priors / r["file"], priors / "keypoints" / f"{Path(r['file']).stem}.json", r["file"])
         for r in outputs.read_json(priors / "manifest.json")["images"]
     ]  # fmt: skip
+    generating_pose = SidecarDetector()
     report = []
     with outputs.atomic_dir(args.out) as tmp:
         (tmp / "keypoints").mkdir()
@@ -49,12 +50,14 @@ def main() -> None:
         for kind, name, image_path, sidecar, source in tqdm(items, desc="poses", unit="img"):
             with Image.open(image_path) as im:
                 image = im.convert("RGB")
-            pose = detector.detect(image, sidecar)
-            entry = {"name": name, "kind": kind, "source": source, "detector": detector.name}
+            paired = kind == "class" and sidecar.exists()
+            pose = (generating_pose if paired else detector).detect(image, sidecar)
+            entry = {"name": name, "kind": kind, "source": source,
+                     "detector": "pose-paired (the generating pose)" if paired else detector.name}  # fmt: skip
             if pose is None:
                 why = (
                     "no annotation (sidecar keypoints exist only for your photos)"
-                    if sidecar is None and e.detector == "sidecar"
+                    if kind == "class" and e.detector == "sidecar"
                     else "no pose found"
                 )
                 entry.update(keypoints=0, mean_confidence=0.0, used=False, reason=f"{detector.name}: {why}")

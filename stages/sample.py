@@ -1,8 +1,10 @@
 """sample: the subject in the target poses, from the stage-1 LoRA plus the stage-2 ControlNet.
 
-Reads:  params common.*, sample.*, extract_poses.render_size; models/stage1, models/stage2, the target
-        pose files in sample.poses (under data/target_poses).
-Writes: samples/ (images/*.png, poses/*.png, index.json saying what produced each image),
+Reads:  params common.*, sample.*, extract_poses.*; models/stage1, models/stage2, the target poses in
+        sample.poses (keypoint files or reference images under data/target_poses, each optionally
+        mirrored or rescaled; images go through the extract_poses detector).
+Writes: samples/ (images/*.png, poses/*.png and the target keypoints poses/*.json, index.json saying
+        what produced each image),
         plots/sample_grid.png (a labelled contact sheet: one row per prompt and pose, one column per seed).
 """
 
@@ -15,10 +17,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from posebooth import config, outputs, subject
+from posebooth.detectors import make_detector
 from posebooth.generation import generate
 from posebooth.grid import contact_sheet
 from posebooth.models import load_components
-from posebooth.poses import load_target_poses, render_pose
+from posebooth.poses import IMAGE_SUFFIXES, load_target_poses, parse_pose_entry, render_pose
 
 log = logging.getLogger("sample")
 
@@ -35,7 +38,10 @@ def main() -> None:
     cfg = config.load(["common", "sample", "extract_poses"])
     c, s = cfg.common, cfg.sample
     outputs.seed_everything(c.seed)
-    poses = load_target_poses(s.poses, args.target_poses)  # validated before any model loads
+    ep = cfg.extract_poses
+    images = [p for p in s.poses if parse_pose_entry(p)[0].suffix.lower() in IMAGE_SUFFIXES]
+    detect = make_detector(ep.detector, ep, c.device).detect if images and ep.detector != "sidecar" else None
+    poses = load_target_poses(s.poses, args.target_poses, detect)  # validated before any model loads
 
     comp = load_components(subject.base_model(args.stage1, c.model), c.device, c.precision)  # full: stage 1's own
     extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
@@ -55,6 +61,7 @@ def main() -> None:
         pose_maps = {name: render_pose(p, c.resolution, cfg.extract_poses.render_size) for name, p in poses.items()}
         for name, image in pose_maps.items():
             image.save(tmp / "poses" / f"{name}.png")
+            outputs.write_json(tmp / "poses" / f"{name}.json", poses[name].to_json())  # what evaluate compares with
         for j, (template, pose_name) in enumerate(tqdm(jobs, desc="sample", unit="row")):
             prompt = config.fill(template, c)
             common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution,
@@ -63,13 +70,15 @@ def main() -> None:
                 images = generate(free, prompt, s.seeds, **common)
             else:
                 images = generate(posed, prompt, s.seeds, control_image=pose_maps[pose_name],
-                                  conditioning_scale=s.conditioning_scale, **common)  # fmt: skip
+                                  conditioning_scale=s.conditioning_scale,
+                                  control_guidance=(s.control_guidance_start, s.control_guidance_end), **common)  # fmt: skip
             for seed, image in zip(s.seeds, images, strict=True):
                 file = f"images/{j:03d}_{pose_name or 'free'}_s{seed}.png"
                 image.save(tmp / file)
                 index.append({
                     "file": file, "prompt": prompt, "prompt_template": template, "negative_prompt": s.negative_prompt,
                     "pose": pose_name, "pose_file": s.poses[list(poses).index(pose_name)] if pose_name else None,
+                    "pose_keypoints": f"poses/{pose_name}.json" if pose_name else None,
                     "seed": seed, "steps": s.steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
                     "conditioning_scale": s.conditioning_scale if pose_name else None,
                 })  # fmt: skip

@@ -1,17 +1,21 @@
 """train_stage2_pose: the OpenPose ControlNet on the subject's own (image, pose map) pairs.
 
-MagicPose-style two-stage schedule: the identity learnt in stage 1 (UNet LoRA) and the text encoder
-stay frozen; only the ControlNet learns to steer that identity into a pose. When the class images have
+MagicPose-style two-stage schedule: the identity learnt in stage 1 and the text encoder stay frozen;
+only the ControlNet (``train_pose.mode``: all of it, or a LoRA on it) learns to steer that identity into
+a pose. ``train_unet_lora`` lets the stage-1 UNet LoRA go on learning as well, at ``unet_lr``. When the class images have
 poses too, (class image, its pose, class prompt) pairs add a prior-preservation term weighted by
 ``train_pose.prior_loss_weight``, so the ControlNet keeps working for the class, not only the subject.
 Reads:  params common.*, train_pose.*; data/prepared, data/class_priors, data/poses, models/stage1.
-Writes: models/stage2/ (controlnet/ via save_pretrained, provenance.json, README.md model card),
+Writes: models/stage2/ (controlnet/ via save_pretrained, or controlnet_lora/ with the base ControlNet
+        named in controlnet_base.json or saved in controlnet_base/; unet_lora/ with train_unet_lora;
+        provenance.json, README.md model card),
         metrics/train_stage2_pose.json, plots/train_stage2_pose/ (loss per step).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 
@@ -20,6 +24,7 @@ from tqdm import tqdm
 
 from posebooth import checkpoints, config, data, outputs, provenance, subject, training
 from posebooth.diffusion import add_noise
+from posebooth.lora import add_controlnet_lora, save_controlnet_lora, save_unet_lora
 from posebooth.models import (
     encode_images,
     encode_prompts,
@@ -74,15 +79,36 @@ def main() -> None:
     log.info("%d instance and %d class (image, pose) pairs; prompt %r dropped with p=%.2f",
              len(names), len(class_names) if with_prior else 0, prompts[0], t.empty_prompt_prob)  # fmt: skip
 
-    controlnet.requires_grad_(True)
-    params = [p for p in controlnet.parameters() if p.requires_grad]
-    accelerator, (controlnet,), optimizer, lr_scheduler = training.prepare(
-        [controlnet], params, t, c.device, c.precision
-    )
-    controlnet.train()
+    base = None
+    if t.mode == "lora":
+        base = copy.deepcopy(controlnet) if t.controlnet == "from_unet" else None
+        params = add_controlnet_lora(controlnet, t.rank, t.alpha)
+    else:
+        controlnet.requires_grad_(True)
+        params = [p for p in controlnet.parameters() if p.requires_grad]
+    groups, models = [{"params": params, "lr": t.lr}], [controlnet]
+    if t.train_unet_lora:  # the stage-1 LoRA (adapter "subject") learns on
+        unet_lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+        if not unet_lora:
+            raise ValueError(
+                f"train_pose.train_unet_lora: {args.stage1} holds no UNet LoRA (train.method lora or momentum_ti)"
+            )
+        for p in unet_lora:
+            p.requires_grad_(True)
+            p.data = p.data.float()
+        groups.append({"params": unet_lora, "lr": t.unet_lr})
+        models.append(unet)
+    accelerator, models, optimizer, lr_scheduler = training.prepare(models, groups, t, c.device, c.precision)
+    controlnet, unet = models[0], (models[1] if t.train_unet_lora else unet)
+    params = [p for g in groups for p in g["params"]]
+    for model in models:
+        model.train()
     b = t.batch_size
     # Resumable: the whole training state is checkpointed outside the outputs (see posebooth/checkpoints.py).
-    trainable = {n: p for n, p in accelerator.unwrap_model(controlnet).named_parameters() if p.requires_grad}
+    trainable = {
+        f"controlnet.{n}": p for n, p in accelerator.unwrap_model(controlnet).named_parameters() if p.requires_grad
+    }
+    trainable |= {f"unet.{n}": p for n, p in comp.unet.named_parameters() if p.requires_grad}
     ckpt = checkpoints.checkpoint_dir(
         "train_stage2_pose",
         checkpoints.fingerprint(
@@ -100,7 +126,7 @@ def main() -> None:
         for step in tqdm(range(first, t.steps), desc="stage 2", unit="step", initial=first, total=t.steps):
             totals = torch.zeros(3)
             for _micro in range(t.gradient_accumulation_steps):
-                with accelerator.accumulate(controlnet):
+                with accelerator.accumulate(*models):
                     idx = sample_indices(len(latents_all), b, generator)
                     latents, controlnet_cond = latents_all[idx], conds[idx]  # (B, 4, h, w), (B, 3, R, R)
                     encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
@@ -133,7 +159,17 @@ def main() -> None:
                 ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history))  # fmt: skip
         steplog.summary(steps=t.steps, pairs=len(names), class_pairs=len(class_names) if with_prior else 0)
         with outputs.atomic_dir(args.out) as tmp:
-            accelerator.unwrap_model(controlnet).save_pretrained(tmp / "controlnet", safe_serialization=True)
+            trained = accelerator.unwrap_model(controlnet)
+            if t.mode == "full":
+                trained.save_pretrained(tmp / "controlnet", safe_serialization=True)
+            else:
+                save_controlnet_lora(trained, tmp / "controlnet_lora")
+                if base is not None:  # made here from the UNet, so not loadable by name: saved beside
+                    base.save_pretrained(tmp / "controlnet_base", safe_serialization=True)
+                else:
+                    outputs.write_json(tmp / "controlnet_base.json", {"controlnet": t.controlnet})
+            if t.train_unet_lora:
+                save_unet_lora(comp.unet, tmp / "unet_lora", adapter="subject")
             outputs.write_json(tmp / "provenance.json", provenance.provenance(
                 cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
                 stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],
