@@ -64,6 +64,38 @@ def _generate(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _pose(args: argparse.Namespace) -> None:
+    """A keypoint file from a reference image (through a detector) or from a keypoint file, optionally
+    mirrored and rescaled: a target pose to edit and put in data/target_poses/."""
+    from dataclasses import replace
+
+    from posebooth.detectors import make_detector
+    from posebooth.poses import IMAGE_SUFFIXES, load_pose, mirror_pose, scale_pose
+
+    source = Path(args.source)
+    if source.suffix.lower() in IMAGE_SUFFIXES:
+        cfg = config.load(["common", "extract_poses"], args.params)
+        e = replace(cfg.extract_poses, detector=args.detector or cfg.extract_poses.detector)
+        if e.detector == "sidecar":
+            raise ValueError("posebooth pose: reading a pose from an image needs --detector openpose or dwpose")
+        from PIL import Image
+
+        with Image.open(source) as im:
+            pose = make_detector(e.detector, e, cfg.common.device).detect(im.convert("RGB"))
+        if pose is None:
+            raise ValueError(f"{source}: the {e.detector} detector found no pose in it")
+    else:
+        pose = load_pose(source)
+    if args.mirror:
+        pose = mirror_pose(pose)
+    if args.scale != 1.0:
+        pose = scale_pose(pose, args.scale)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    outputs.write_json(out, pose.to_json())
+    print(out)
+
+
 def _use_profile(args: argparse.Namespace) -> None:
     from ruamel.yaml import YAML
 
@@ -115,6 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--stage2", default="models/stage2")
     g.add_argument("--out", default="generated")
     g.set_defaults(func=_generate)
+    q = sub.add_parser("pose", help="a target-pose keypoint file from a reference image or a keypoint file")
+    q.add_argument("source", help="an image (read with the detector) or a keypoint .json")
+    q.add_argument("--detector", choices=["openpose", "dwpose"], default=None, help="default: extract_poses.detector")
+    q.add_argument("--mirror", action="store_true", help="mirror left to right (left and right keypoints swap)")
+    q.add_argument("--scale", type=float, default=1.0, help="scale about the pose's centre")
+    q.add_argument("--out", required=True, help="the keypoint .json to write, e.g. data/target_poses/mine.json")
+    q.set_defaults(func=_pose)
     p = sub.add_parser("use-profile", help="write a profile's values (profiles/NAME.yaml) into params.yaml")
     p.add_argument("profile", help="sd15, test, or a path to a .yaml file")
     p.set_defaults(func=_use_profile)

@@ -141,7 +141,7 @@ def test_every_metric_key(repo):
     assert ev["lpips_diversity"] >= 0 and ev["n_lpips_pairs"] == 6
     assert ev["n_images"] == 12 and ev["n_references"] == 6
     assert ev["stand_in"] is True and all(b["stand_in"] for b in ev["backbones"].values())
-    assert ev["pose_adherence"].startswith("not measured")
+    assert ev["pose_adherence"].startswith("not measured: the sidecar detector")
 
 
 def test_second_repro_is_a_no_op(repo):
@@ -185,6 +185,30 @@ METHOD_RUNS = {
     "textual_inversion": ["train.method=textual_inversion", "train.new_token=true"],
     "momentum_ti": ["train.method=momentum_ti", "train.ti_steps=3"],
 }
+
+
+STAGE2_RUNS = {  # every stage-2 choice besides the default (full fine-tune of a pretrained ControlNet)
+    "cn-lora": (["train_pose.mode=lora"], STAGES[4:]),
+    "cn-lora-from-unet-unet-lora": (
+        ["train_pose.mode=lora", "train_pose.controlnet=from_unet", "train_pose.train_unet_lora=true",
+         "train_pose.empty_prompt_prob=0.5"], STAGES[4:]),
+    "pose-paired-priors": (["generate_class_priors.pose_paired=true"], STAGES[1:2] + STAGES[2:]),
+    "sample-pose-library": (
+        ["sample.poses=['data/target_poses/wave.json#mirror','data/target_poses/t_pose.json#scale=0.7']",
+         "sample.control_guidance_end=0.6"], STAGES[5:]),
+}  # fmt: skip
+
+
+def test_every_stage2_choice_runs_the_pipeline(repo):
+    root, _ = repo
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "outputs", "--allow-empty"], root)
+    for name, (sets, stages) in STAGE2_RUNS.items():
+        out = run(["dvc", "exp", "run", "--temp", "-n", name, *[a for kv in sets for a in ("-S", kv)]], root)
+        assert ran_stages(out.stdout) == stages, (name, out.stdout[-2000:])
+    table = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], root).stdout))
+    assert all(name in table for name in STAGE2_RUNS)
+    assert '"class_pairs": 4' in table  # the pose-paired priors became (class image, pose) pairs in stage 2
 
 
 def test_every_method_runs_the_whole_pipeline_as_an_experiment(repo):

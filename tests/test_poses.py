@@ -209,3 +209,44 @@ def test_target_pose_library_takes_files_images_and_variants(tmp_path):
         load_target_poses([str(folder / "dog.json#flip")], folder)
     with pytest.raises(PoseError, match=r"scale must be a positive number"):
         load_target_poses([str(folder / "dog.json#scale=-1")], folder)
+
+
+def test_pose_command_writes_target_poses_from_files_and_images(tmp_path, monkeypatch, caplog):
+    from PIL import Image
+
+    from posebooth import cli, detectors
+    from posebooth.poses import mirror_pose, scale_pose
+
+    wave = ROOT / "data" / "target_poses" / "wave.json"
+    out = tmp_path / "wave_mirror.json"
+    cli.main(
+        ["--params", str(ROOT / "params.yaml"), "pose", str(wave), "--mirror", "--scale", "0.8", "--out", str(out)]
+    )
+    expected = scale_pose(mirror_pose(load_pose(wave)), 0.8)
+    assert np.allclose(load_pose(out).keypoints, expected.keypoints, atol=1e-3)
+
+    found = Pose(64, 48, np.tile([10.0, 20.0, 1.0], (18, 1)))
+
+    class Stub:
+        name = "openpose"
+
+        def detect(self, image, keypoints_path=None):
+            return found
+
+    monkeypatch.setattr(detectors, "make_detector", lambda name, e, device: Stub())
+    Image.new("RGB", (64, 48)).save(tmp_path / "ref.png")
+    cli.main(["--params", str(ROOT / "params.yaml"), "pose", str(tmp_path / "ref.png"), "--detector", "openpose",
+              "--out", str(tmp_path / "ref.json")])  # fmt: skip
+    assert load_pose(tmp_path / "ref.json").keypoints.tolist() == found.keypoints.tolist()
+    with pytest.raises(SystemExit):  # the sidecar detector cannot read an image: one-line error, exit 1
+        cli.main(
+            [
+                "--params",
+                str(ROOT / "params.yaml"),
+                "pose",
+                str(tmp_path / "ref.png"),
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
+    assert "needs --detector openpose or dwpose" in caplog.text  # logged as one line

@@ -64,3 +64,19 @@ def test_class_pose_pairs_flow_into_stage2(tmp_path, monkeypatch):
     prov = json.loads((tmp_path / "models/stage2/provenance.json").read_text())
     assert prov["class_pairs"] == [f"class_{i:04d}" for i in range(4)]
     assert prov["git"]["commit"] == "unknown"  # not a git checkout: said, not invented
+
+    # With a detector that reads generated images, evaluate measures pose adherence, per target pose too.
+    from stages import evaluate, sample
+
+    shutil.copytree(ROOT / "data" / "target_poses", tmp_path / "data" / "target_poses")
+    (tmp_path / "data" / "loras").mkdir()
+    monkeypatch.setattr(evaluate, "make_detector", lambda name, e, device: OpenposeDetector("", FullBodyStub()))
+    run(sample, monkeypatch)
+    run(evaluate, monkeypatch)
+    adherence = json.loads((tmp_path / "metrics/evaluate.json").read_text())["pose_adherence"]
+    assert adherence["detector"] == "openpose" and adherence["detection_rate"] == 1.0
+    assert adherence["n_images"] == 2 * 2 * 2  # prompts x poses x seeds (test profile)
+    assert set(adherence["per_pose"]) == {"standing", "arms_up"}
+    for key in ("pck_0.1", "pck_0.2", "oks_ap", "mean_oks", "keypoint_cosine"):
+        assert 0.0 <= adherence[key] <= 1.0, key
+    assert adherence["per_pose"]["standing"]["n_images"] == 4
