@@ -89,7 +89,7 @@ class ExtractPoses:
     dwpose_pose: str  # local .onnx whole-body model, or "" for the mode's
     hands: bool  # also hand keypoints (openpose, dwpose), drawn in the pose maps
     face: bool  # also face keypoints (openpose, dwpose)
-    min_keypoints: int = _rng(1, 18)
+    min_keypoints: int = _rng(1, 1000)  # custom skeletons may have more than OpenPose's 18
     render_size: int = _rng(64, 4096)
 
 

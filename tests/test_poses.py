@@ -250,3 +250,31 @@ def test_pose_command_writes_target_poses_from_files_and_images(tmp_path, monkey
             ]
         )
     assert "needs --detector openpose or dwpose" in caplog.text  # logged as one line
+
+
+def test_a_custom_skeleton_sidecar_follows_the_photo_through_prepare(tmp_path):
+    """A dog photo stored rotated (EXIF 6) with a quadruped sidecar: the keypoints follow rotation and crop,
+    and the pose map is drawn in the skeleton's colours."""
+    from PIL import Image
+
+    from posebooth.prepare import prepare_folder
+
+    stored = Image.new("RGB", (250, 400), (30, 30, 30))  # stored 250 x 400, shown 400 x 250 after rotation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    stored.save(folder / "dog.jpg", exif=exif)
+    doc = _custom(width=250, height=400, keypoints={"nose": [200, 200, 1], "withers": [190, 120, 1]})
+    (folder / "dog.json").write_text(json.dumps(doc))
+    kept, skipped = prepare_folder(folder, 64, 1)
+    assert not skipped and kept[0].pose is not None
+    pose = kept[0].pose
+    assert pose.skeleton.name == "quadruped" and pose.visible.sum() == 2
+    # EXIF 6 shows the stored image turned 90° clockwise: stored (x, y) -> shown (H - 1 - y, x) roughly; then a
+    # centre crop of the 400 x 250 view to 250 x 250 (75 px off the left) scaled to 64 px.
+    nose = pose.keypoints[0]
+    assert nose[0] == pytest.approx((400 - 200 - 75) * 64 / 250, abs=1.5)
+    assert nose[1] == pytest.approx(200 * 64 / 250, abs=1.5)
+    image = np.asarray(render_pose(pose, 64, 512))
+    assert image.any()  # the nose-withers limb, in its colour
