@@ -159,7 +159,8 @@ class TrainPose(Optimisation):
 
 @dataclass(frozen=True)
 class Sample:
-    prompts: list[str]  # templates with {identifier} and {class_noun}
+    prompts: list[str]  # templates with {identifier} and {class_noun}: the evaluation prompt set
+    pose_prompts: list[str]  # sampled in every target pose; [] = prompts
     poses: list[str]  # keypoint JSON files of target poses
     seeds: list[int]
     steps: int = _rng(1)
@@ -170,6 +171,7 @@ class Sample:
     scheduler: Literal[SCHEDULERS]
     negative_prompt: str
     pose_free: bool
+    prior_images: bool  # also the class prompt (common.class_prompt) with every seed: PRES in evaluate
     cpu_offload: bool  # accelerate's model CPU offload for small GPUs (cuda only)
     subject_lora_scale: float = _nonneg()  # strength of the subject's LoRA
     extra_loras: list[str]  # further LoRAs (in data/loras/), e.g. a style, used next to the subject's
@@ -181,6 +183,8 @@ class Evaluate:
     clip_model: str  # "embedded:tiny-clip" (stand-in) or e.g. "openai/clip-vit-base-patch32"
     dino_model: str  # "embedded:tiny-dino" (stand-in) or "facebook/dino-vits16"
     lpips_net: Literal["alex", "vgg", "squeeze", "random-alex"]
+    fid_model: Literal["inception-v3", "embedded:tiny-inception", "none"]  # FID/KID feature extractor
+    inception_weights: str  # a local .safetensors/.pth for inception-v3, or "" for torch-fidelity's release file
 
 
 SECTIONS: dict[str, type] = {
@@ -350,6 +354,8 @@ def _cross_checks(cfg: Config) -> None:
             )
         for i, p in enumerate(cfg.sample.prompts):
             _check_template(f"sample.prompts[{i}]", p)
+        for i, p in enumerate(cfg.sample.pose_prompts):
+            _check_template(f"sample.pose_prompts[{i}]", p)
         if cfg.sample.control_guidance_start >= cfg.sample.control_guidance_end:
             raise ConfigError(
                 f"sample.control_guidance_start: {cfg.sample.control_guidance_start} must be below "

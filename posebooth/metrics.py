@@ -47,6 +47,47 @@ def mean_pairwise_lpips(groups: list[torch.Tensor], distance) -> tuple[float | N
     return d.flatten().mean().item(), len(firsts)
 
 
+def per_image_cosine(generated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(G,): for each generated embedding, its mean cosine to the references; their mean is
+    ``mean_pairwise_cosine`` (DINO, CLIP-I, PRES per image, so each can carry an interval)."""
+    if len(generated) == 0 or len(reference) == 0:
+        raise ValueError("per_image_cosine needs at least one generated and one reference embedding")
+    return (F.normalize(generated.float(), dim=-1) @ F.normalize(reference.float(), dim=-1).T).mean(dim=1)
+
+
+def matched_cosine(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(N,): cosine of image i with text i (CLIP-T per image)."""
+    if image_emb.shape != text_emb.shape or len(image_emb) == 0:
+        raise ValueError(
+            f"CLIP-T needs matching non-empty (N, D) inputs, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    return F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
+
+
+def pairwise_lpips(groups: list[torch.Tensor], distance) -> list[float]:
+    """LPIPS of every pair within each group (images (K, 3, H, W) in [-1, 1]): the values behind
+    ``mean_pairwise_lpips`` (DIV), one per pair."""
+    firsts, seconds = [], []
+    for g in groups:
+        for i, j in itertools.combinations(range(len(g)), 2):
+            firsts.append(g[i])
+            seconds.append(g[j])
+    if not firsts:
+        return []
+    with torch.no_grad():
+        return distance(torch.stack(firsts), torch.stack(seconds)).flatten().tolist()
+
+
+def lpips_to_references(generated: torch.Tensor, references: torch.Tensor, distance) -> list[float]:
+    """For each generated image (G, 3, H, W), its mean LPIPS to the reference photos (R, 3, H, W)."""
+    out = []
+    with torch.no_grad():
+        for image in generated:
+            d = distance(image.unsqueeze(0).expand(len(references), -1, -1, -1), references)
+            out.append(d.flatten().mean().item())
+    return out
+
+
 def scale_pose_keypoints(keypoints, from_size: tuple[int, int], to_size: tuple[int, int]):
     """(18, 3) keypoints on a ``from_size`` canvas moved to a ``to_size`` canvas the way ``render_pose``
     draws them: scaled to fit and centred (letterboxed), confidence kept."""

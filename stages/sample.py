@@ -51,8 +51,10 @@ def main() -> None:
     posed, free = subject.trained_pipelines(comp, args.stage1, args.stage2, s.scheduler, c.device, c.precision,
                                     s.cpu_offload, s.subject_lora_scale, extras)  # fmt: skip
 
-    jobs = [(p, None) for p in s.prompts] if s.pose_free else []
-    jobs += [(p, name) for p in s.prompts for name in poses]
+    jobs = [(p, None, "subject") for p in s.prompts] if s.pose_free else []
+    jobs += [(p, name, "subject") for p in (s.pose_prompts or s.prompts) for name in poses]
+    if s.prior_images:  # the class prompt through the trained model: PRES (language drift) in evaluate
+        jobs.append((c.class_prompt, None, "class"))
     index, rows = [], []
     with outputs.atomic_dir(args.out) as tmp:
         (tmp / "images").mkdir()
@@ -62,7 +64,7 @@ def main() -> None:
         for name, image in pose_maps.items():
             image.save(tmp / "poses" / f"{name}.png")
             outputs.write_json(tmp / "poses" / f"{name}.json", poses[name].to_json())  # what evaluate compares with
-        for j, (template, pose_name) in enumerate(tqdm(jobs, desc="sample", unit="row")):
+        for j, (template, pose_name, kind) in enumerate(tqdm(jobs, desc="sample", unit="row")):
             prompt = config.fill(template, c)
             common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution,
                           negative_prompt=s.negative_prompt)  # fmt: skip
@@ -73,10 +75,10 @@ def main() -> None:
                                   conditioning_scale=s.conditioning_scale,
                                   control_guidance=(s.control_guidance_start, s.control_guidance_end), **common)  # fmt: skip
             for seed, image in zip(s.seeds, images, strict=True):
-                file = f"images/{j:03d}_{pose_name or 'free'}_s{seed}.png"
+                file = f"images/{j:03d}_{pose_name or ('class' if kind == 'class' else 'free')}_s{seed}.png"
                 image.save(tmp / file)
                 index.append({
-                    "file": file, "prompt": prompt, "prompt_template": template, "negative_prompt": s.negative_prompt,
+                    "file": file, "kind": kind, "prompt": prompt, "prompt_template": template, "negative_prompt": s.negative_prompt,
                     "pose": pose_name, "pose_file": s.poses[list(poses).index(pose_name)] if pose_name else None,
                     "pose_keypoints": f"poses/{pose_name}.json" if pose_name else None,
                     "seed": seed, "steps": s.steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,

@@ -161,3 +161,28 @@ def test_use_profile_rejects_unknown_keys(tmp_path):
     with pytest.raises(SystemExit):
         main(["--params", str(target), "use-profile", str(bad)])
     assert target.read_text() == (ROOT / "params.yaml").read_text()  # untouched
+
+
+def test_default_evaluation_prompts_are_the_papers():
+    """params.yaml carries DreamBench's 25 object prompts; profiles/live_subject.yaml its 25 live-subject ones."""
+    import re
+
+    import pytest
+    import yaml
+
+    from tests.conftest import ROOT, SHARED
+
+    source = SHARED / "dreambench" / "prompts_and_classes.txt"
+    if not source.exists():
+        pytest.skip("../shared/dreambench is not beside the repository")
+    text = source.read_text()
+    objects, live = text.split("Live Subject Prompts")
+
+    def templates(block):
+        return [m.replace("{0}", "{identifier}").replace("{1}", "{class_noun}")
+                for m in re.findall(r"'([^']*)'\.format\(unique_token, class_token\)", block)]  # fmt: skip
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["sample"]["prompts"] == templates(objects) and len(templates(objects)) == 25
+    profile = yaml.safe_load((ROOT / "profiles" / "live_subject.yaml").read_text())
+    assert profile["sample"]["prompts"] == templates(live) and len(templates(live)) == 25

@@ -201,3 +201,93 @@ def test_oks_ap_by_hand():
     assert oks_ap([(0.9, 1.0), (0.5, 1.0)]) == pytest.approx(1.0)
     # A confident bad detection ranked first lowers precision: below the same set ranked the other way.
     assert oks_ap([(0.9, 0.1), (0.5, 1.0)]) < oks_ap([(0.9, 1.0), (0.5, 0.1)])
+
+
+def test_per_image_scores_average_to_the_paper_metrics():
+    from posebooth.metrics import matched_cosine, per_image_cosine
+
+    g = torch.Generator().manual_seed(0)
+    gen, ref, txt = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)
+    assert per_image_cosine(gen, ref).mean().item() == pytest.approx(mean_pairwise_cosine(gen, ref))
+    assert matched_cosine(gen, txt).mean().item() == pytest.approx(mean_matched_cosine(gen, txt))
+    same = torch.randn(4, 8, generator=g)
+    assert torch.allclose(per_image_cosine(same[:1].expand(3, -1), same[:1]), torch.ones(3))  # identical: 1
+
+
+def test_identical_images_give_lpips_zero_and_pairs_are_counted():
+    from posebooth.metrics import lpips_to_references, pairwise_lpips
+
+    lpips = lpips_distance("random-alex")
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert lpips_to_references(image, image.expand(2, -1, -1, -1), lpips) == [pytest.approx(0.0, abs=1e-6)]
+    groups = [torch.cat([image, image, image]), torch.rand(2, 3, 32, 32) * 2 - 1]
+    pairs = pairwise_lpips(groups, lpips)
+    assert len(pairs) == 3 + 1 and pairs[:3] == [pytest.approx(0.0, abs=1e-6)] * 3 and pairs[3] > 0
+
+
+def _images(n, seed, high=255):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, high, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_kid_works_below_the_default_subset():
+    from posebooth import fidelity
+
+    name = fidelity.register(fidelity.TINY)
+    a, b = _images(8, 0), _images(5, 1, high=120)
+    same = fidelity.fid_kid(a, a, name)
+    assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 1e-2
+    other = fidelity.fid_kid(a, b, name)  # 5 images: far under torch-fidelity's default subset of 1000
+    assert other["fid"] > 1.0 and other["kid"] > same["kid"]
+    assert other["kid_subset_size"] == 5 and (other["n_generated"], other["n_references"]) == (8, 5)
+
+
+def test_inception_weights_load_safely(tmp_path):
+    """The real InceptionV3 extractor, with random weights written here: loaded from .safetensors or from a
+    .pth with weights_only=True; a pickle that would run code is refused."""
+    import pickle
+
+    from safetensors.torch import save_file
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from posebooth import fidelity
+
+    original = FeatureExtractorInceptionV3.load_state_dict
+    FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None  # build it without weights
+    try:
+        with fidelity._loaded_state({}):
+            random_net = FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path="none")
+    finally:
+        FeatureExtractorInceptionV3.load_state_dict = original
+    state = {k: v.contiguous() for k, v in random_net.state_dict().items()}
+    save_file(state, str(tmp_path / "inception.safetensors"))
+    torch.save(state, tmp_path / "inception.pth")
+    for path in (tmp_path / "inception.safetensors", tmp_path / "inception.pth"):
+        loaded = fidelity.load_inception_state(str(path))
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
+    net = fidelity._safe_inception_class(str(tmp_path / "inception.safetensors"))("y", ["2048"])
+    assert torch.equal(net.state_dict()["fc.weight"], state["fc.weight"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    with pytest.raises(pickle.UnpicklingError):
+        fidelity.load_inception_state(str(tmp_path / "evil.pth"))
+    with pytest.raises(FileNotFoundError, match="evaluate.inception_weights"):
+        fidelity.load_inception_state(str(tmp_path / "missing.pth"))
+
+
+def test_inception_offline_fails_at_once_naming_the_file(monkeypatch, tmp_path):
+    import time
+
+    from posebooth import fidelity
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"InceptionV3 weights .* download https://github.com/toshas/torch-fidelity"):
+        fidelity.load_inception_state("")
+    assert time.monotonic() - start < 5

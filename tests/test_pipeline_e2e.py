@@ -112,7 +112,7 @@ def test_every_output(repo):
     assert json.loads((root / "models/stage1/provenance.json").read_text())["params"]["train"]["steps"] == 6
     assert (root / "models/stage2/controlnet/diffusion_pytorch_model.safetensors").exists()
     index = json.loads((root / "samples/index.json").read_text())
-    assert len(index["images"]) == 2 * (2 + 1) * 2  # prompts x (poses + pose-free) x seeds
+    assert len(index["images"]) == 2 * (2 + 1) * 2 + 2  # prompts x (poses + pose-free) x seeds, + class prompt
     assert all((root / "samples" / r["file"]).exists() for r in index["images"])
     assert (root / "plots/sample_grid.png").stat().st_size > 0
     loss = (root / "plots/train_stage1_appearance/loss.tsv").read_text().splitlines()
@@ -135,12 +135,18 @@ def test_every_metric_key(repo):
     assert {"loss", "grad_norm", "steps", "pairs", "class_pairs"} <= set(m["train_stage2_pose"])
     assert m["train_stage2_pose"]["class_pairs"] == 0  # sidecar: class images have no poses
     ev = m["evaluate"]
-    for key in ("dino", "clip_i", "clip_t"):
-        assert -1.0 <= ev[key] <= 1.0, key
-        assert -1.0 <= ev["posed"][key] <= 1.0 and -1.0 <= ev["pose_free"][key] <= 1.0
-    assert ev["lpips_diversity"] >= 0 and ev["n_lpips_pairs"] == 6
-    assert ev["n_images"] == 12 and ev["n_references"] == 6
+    for part in (ev, ev["posed"], ev["pose_free"]):
+        for key in ("dino", "clip_i", "clip_t", "lpips_to_references", "lpips_diversity"):
+            metric = part[key]
+            assert metric["ci_low"] <= metric["mean"] <= metric["ci_high"], key  # an interval around the mean
+            assert metric["n"] == (part["n_images"] if key != "lpips_diversity" else part["n_images"] // 2), key
+    assert ev["n_images"] == 12 and ev["n_references"] == 6 and ev["lpips_diversity"]["n"] == 6
+    assert ev["pres"]["n"] == 2  # the class prompt, one image per seed
+    assert ev["fid_kid"]["n_generated"] == 12 and ev["fid_kid"]["kid_subset_size"] == 6  # 6 reference photos
     assert ev["stand_in"] is True and all(b["stand_in"] for b in ev["backbones"].values())
+    breakdown = json.loads((root / "metrics/evaluate_breakdown.json").read_text())
+    assert set(breakdown["per_pose"]) == {"None", "standing", "arms_up"} and len(breakdown["per_prompt"]) == 2
+    assert sum(p["n_images"] for p in breakdown["per_prompt"].values()) == 12
     assert ev["pose_adherence"].startswith("not measured: the sidecar detector")
 
 
@@ -235,7 +241,7 @@ def test_every_method_runs_the_whole_pipeline_as_an_experiment(repo):
     for name in METHOD_RUNS:
         method, metrics, stage1 = rows[f"method-{name}"]
         assert method == name and stage1["method"] == name
-        assert metrics["n_images"] == 12 and -1 <= metrics["clip_i"] <= 1
+        assert metrics["n_images"] == 12 and -1 <= metrics["clip_i"]["mean"] <= 1
 
 
 def test_a_bad_param_stops_a_stage_before_heavy_work(repo, tmp_path):
@@ -316,3 +322,33 @@ def test_readme_own_photos_steps(repo, tmp_path):
     assert all(r["source"].startswith(str(outside)) for r in manifest["images"])
     assert "a photo of a toy" == json.loads((work / "data/class_priors/manifest.json").read_text())["prompt"]
     assert json.loads((work / "metrics/evaluate.json").read_text())["n_images"] == 12
+
+
+def test_readme_sweep_recipe_queues_a_grid_and_compares_it(repo):
+    """The README's sweep: a grid on train.lr queued, run by two workers, read back from `dvc exp show`."""
+    import time
+
+    root, _ = repo
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "outputs", "--allow-empty"], root)
+    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=1e-4,5e-4", "-S", "train.steps=4"], root)
+    run(["dvc", "queue", "start", "-j", "2"], root)
+    deadline = time.monotonic() + 1200
+    while True:
+        status = run(["dvc", "queue", "status"], root).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert status.count("Success") >= 2 and "Failed" not in status, status
+    table = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    grid = set()
+    for commit in table:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                train = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("train", {})
+                ev = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+                if train.get("steps") == 4 and ev:
+                    grid.add((train["lr"], ev["n_images"]))
+    assert grid == {(1e-4, 12), (5e-4, 12)}

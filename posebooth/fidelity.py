@@ -1,0 +1,171 @@
+"""FID and KID through torch-fidelity, with Inception weights loaded safely and subset sizes that fit.
+
+torch-fidelity's own ``feature_extractor_weights_path`` option reads the file with
+``torch.load(weights_only=False)``, which can run code hidden in a pickle. posebooth loads the InceptionV3
+weights itself (``weights_only=True``, or a ``.safetensors`` file) and registers the extractor under its
+own name. KID's default subset size (1000) fails on the few images a personalisation run makes: it is
+set to the size of the smaller set, and the numbers say how many images they rest on.
+
+``embedded:tiny-inception`` is a small random network registered the same way: it tests the code path
+offline and measures nothing (``stand_in``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+SAFE_INCEPTION = "posebooth-inception-v3-safe"
+TINY = "embedded:tiny-inception"
+
+
+class _Images(torch.utils.data.Dataset):
+    """PIL images as the uint8 (3, H, W) tensors torch-fidelity's extractors read."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.images[i].convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _tiny_extractor_class():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class TinyExtractor(FeatureExtractorBase):
+        """A fixed random conv net (seeded) with 64 features: the offline stand-in for InceptionV3."""
+
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            g = torch.Generator().manual_seed(0)
+            self.conv1 = torch.nn.Conv2d(3, 16, 3, stride=2)
+            self.conv2 = torch.nn.Conv2d(16, 64, 3, stride=2)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            self.requires_grad_(False)
+            self.eval()
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("64",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "64"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+        def forward(self, x):
+            x = torch.nn.functional.interpolate(x.float() / 255.0, size=(64, 64), mode="bilinear", align_corners=False)
+            x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            return (x.mean(dim=(2, 3)).double(),)
+
+    return TinyExtractor
+
+
+def _safe_inception_class(weights: str):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    state = load_inception_state(weights)
+
+    class SafeInceptionV3(FeatureExtractorInceptionV3):
+        """torch-fidelity's InceptionV3 with weights posebooth loaded safely."""
+
+        def __init__(self, name, features_list, **kwargs):
+            # The parent builds the layers, then loads weights with torch.load(weights_only=False) from the
+            # path it is given: hand it the already-loaded (safe) state dict instead.
+            with _loaded_state(state):
+                super().__init__(name, features_list, feature_extractor_weights_path="<posebooth: loaded safely>")
+
+    return SafeInceptionV3
+
+
+@contextlib.contextmanager
+def _loaded_state(state: dict):
+    original = torch.load
+    torch.load = lambda *args, **kwargs: state  # only within the parent's constructor
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def load_inception_state(weights: str) -> dict:
+    """InceptionV3 weights from a local ``.safetensors``/``.pth`` file, or (``""``) torch-fidelity's
+    release file through torch hub's cache; ``.pth`` files are read with ``weights_only=True``."""
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"evaluate.inception_weights: {path} does not exist")
+    else:
+        from torch.hub import get_dir
+
+        path = Path(get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
+        if not path.exists():
+            from posebooth.detectors import _reachable
+
+            if not _reachable("github.com"):
+                raise OSError(
+                    f"InceptionV3 weights for FID/KID are not on this machine and github.com cannot be reached: "
+                    f"download {INCEPTION_URL} on a connected machine into {path.parent}, or set "
+                    "evaluate.inception_weights to a local file (or evaluate.fid_model: none)"
+                )
+            torch.hub.download_url_to_file(INCEPTION_URL, str(path))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def register(model: str, inception_weights: str = "") -> str:
+    """Register the extractor for ``model`` (``inception-v3`` or ``embedded:tiny-inception``) with
+    torch-fidelity; returns its registered name."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    name = {"inception-v3": SAFE_INCEPTION, TINY: "posebooth-tiny-inception"}.get(model)
+    if name is None:
+        raise ValueError(f"evaluate.fid_model: {model!r}; choose inception-v3, {TINY} or none")
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        cls = _tiny_extractor_class() if model == TINY else _safe_inception_class(inception_weights)
+        register_feature_extractor(name, cls)
+    return name
+
+
+def fid_kid(generated: list, references: list, extractor: str, seed: int = 0) -> dict:
+    """FID and KID (mean and std over subsets) between two image sets, with KID's subset size the size of
+    the smaller set; ``n_generated`` and ``n_references`` say what they rest on."""
+    import torch_fidelity
+
+    if len(generated) < 2 or len(references) < 2:
+        raise ValueError(f"FID/KID need at least 2 images per set, got {len(generated)} and {len(references)}")
+    subset = min(len(generated), len(references))
+    out = torch_fidelity.calculate_metrics(
+        input1=_Images(generated), input2=_Images(references), fid=True, kid=True, feature_extractor=extractor,
+        kid_subset_size=subset, kid_subsets=100, batch_size=16, cuda=False, verbose=False, cache=False, rng_seed=seed,
+        save_cpu_ram=True,
+    )  # fmt: skip
+    return {
+        "fid": round(float(out["frechet_inception_distance"]), 4),
+        "kid": round(float(out["kernel_inception_distance_mean"]), 6),
+        "kid_std": round(float(out["kernel_inception_distance_std"]), 6),
+        "kid_subset_size": subset,
+        "n_generated": len(generated),
+        "n_references": len(references),
+    }
