@@ -184,6 +184,8 @@ class Evaluate:
     dino_model: str  # "embedded:tiny-dino" (stand-in) or "facebook/dino-vits16"
     lpips_net: Literal["alex", "vgg", "squeeze", "random-alex"]
     fid_model: Literal["inception-v3", "embedded:tiny-inception", "none"]  # FID/KID feature extractor
+    face_identity: Literal["auto", "on", "off"]  # auto: when common.class_noun is a person word
+    face_weights: str  # FaceNet (VGGFace2) weights file, or "" for facenet-pytorch's release file
     inception_weights: str  # a local .safetensors/.pth for inception-v3, or "" for torch-fidelity's release file
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from posebooth import config, data, fidelity, outputs, stats
+from posebooth import config, data, faceid, fidelity, outputs, stats
 from posebooth.backbones import ClipEmbedder, DinoEmbedder, is_stand_in, lpips_distance
 from posebooth.detectors import make_detector
 from posebooth.images import to_tensor
@@ -110,6 +110,15 @@ def main() -> None:
     else:  # the subject's images against the reference photos; KID's subset fits the smaller set
         extractor = fidelity.register(e.fid_model, e.inception_weights)
         result["fid_kid"] = fidelity.fid_kid([generated[i] for i in subject], references, extractor, c.seed)
+    if e.face_identity == "off" or (e.face_identity == "auto" and not faceid.is_person(c.class_noun)):
+        result["face_identity"] = f"not measured: evaluate.face_identity is {e.face_identity} (class {c.class_noun!r})"
+    else:
+        try:
+            embed = faceid.FacenetEmbedder(e.face_weights, c.device)
+        except OSError as err:  # optional: the rest of the evaluation goes on without it
+            result["face_identity"] = f"not measured: {err}"
+        else:
+            result["face_identity"] = faceid.face_similarity([generated[i] for i in subject], references, embed, c.seed)
     result["backbones"] = {
         "clip": {"model": e.clip_model, "stand_in": is_stand_in(e.clip_model)},
         "dino": {"model": e.dino_model, "stand_in": is_stand_in(e.dino_model)},

@@ -291,3 +291,32 @@ def test_inception_offline_fails_at_once_naming_the_file(monkeypatch, tmp_path):
     with pytest.raises(OSError, match=r"InceptionV3 weights .* download https://github.com/toshas/torch-fidelity"):
         fidelity.load_inception_state("")
     assert time.monotonic() - start < 5
+
+
+def test_face_identity_with_an_injected_embedder():
+    """A real face (scikit-image's astronaut) against itself scores 1; a robot reference has no face; the
+    FaceNet model is optional and says why it is missing."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from posebooth import faceid
+
+    face = Image.fromarray(skimage_data.astronaut()).resize((256, 256))
+    from tests.conftest import ROOT
+
+    robot = Image.open(ROOT / "data/subject/robot_01.jpg").convert("RGB")
+    g = torch.Generator().manual_seed(0)
+    projection = torch.randn(3 * 8 * 8, 16, generator=g)
+
+    def embed(crops):  # a fixed random projection of 8 x 8 thumbnails: identical faces, identical embeddings
+        x = torch.stack([torch.from_numpy(np.asarray(c.resize((8, 8)), dtype=np.float32)).flatten() for c in crops])
+        return x @ projection
+
+    same = faceid.face_similarity([face, face, robot.resize((256, 256))], [face], embed)
+    assert same["mean"] == pytest.approx(1.0, abs=1e-5) and same["n"] == 2 and same["face_rate"] == pytest.approx(2 / 3)
+    assert faceid.face_similarity([face], [robot], embed) == "not measured: no face found in the reference photos"
+    assert faceid.is_person("Woman") and not faceid.is_person("robot")
+    try:
+        faceid.FacenetEmbedder()
+    except OSError as err:  # not installed here, or its weights are not on this machine: a reason, no crash
+        assert "facenet-pytorch" in str(err) or "FaceNet weights" in str(err)

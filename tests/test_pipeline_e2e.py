@@ -142,6 +142,7 @@ def test_every_metric_key(repo):
             assert metric["n"] == (part["n_images"] if key != "lpips_diversity" else part["n_images"] // 2), key
     assert ev["n_images"] == 12 and ev["n_references"] == 6 and ev["lpips_diversity"]["n"] == 6
     assert ev["pres"]["n"] == 2  # the class prompt, one image per seed
+    assert ev["face_identity"].startswith("not measured: evaluate.face_identity is auto (class 'robot')")
     assert ev["fid_kid"]["n_generated"] == 12 and ev["fid_kid"]["kid_subset_size"] == 6  # 6 reference photos
     assert ev["stand_in"] is True and all(b["stand_in"] for b in ev["backbones"].values())
     breakdown = json.loads((root / "metrics/evaluate_breakdown.json").read_text())
