@@ -148,24 +148,53 @@ def register(model: str, inception_weights: str = "") -> str:
     return name
 
 
-def fid_kid(generated: list, references: list, extractor: str, seed: int = 0) -> dict:
-    """FID and KID (mean and std over subsets) between two image sets, with KID's subset size the size of
-    the smaller set; ``n_generated`` and ``n_references`` say what they rest on."""
-    import torch_fidelity
+def features(images: list, extractor: str) -> torch.Tensor:
+    """The extractor's FID/KID features (N, D) of PIL images, computed once."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    fe = create_feature_extractor(extractor, [layer], cuda=False, verbose=False)
+    out = get_featuresdict_from_dataset(
+        _Images(images), fe, batch_size=16, cuda=False, save_cpu_ram=True, verbose=False
+    )
+    return out[layer].double()
+
+
+def _fid(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    stats_1, stats_2 = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
+    return float(fid_statistics_to_metric(stats_1, stats_2, verbose=False)["frechet_inception_distance"])
+
+
+def _kid(f1: torch.Tensor, f2: torch.Tensor, subset: int, seed: int) -> tuple[float, float]:
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    out = kid_features_to_metric(f1, f2, kid_subsets=100, kid_subset_size=subset, rng_seed=seed, verbose=False)
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
+
+
+def fid_kid(generated: list, references: list, extractor: str, seed: int = 0, resamples: int = 100) -> dict:
+    """FID and KID between two image sets from features computed once, KID's subset size the size of the
+    smaller set, each with a 95 % bootstrap interval over the generated images (``resamples`` draws with
+    replacement); ``n_generated`` and ``n_references`` say what they rest on."""
     if len(generated) < 2 or len(references) < 2:
         raise ValueError(f"FID/KID need at least 2 images per set, got {len(generated)} and {len(references)}")
+    f_gen, f_ref = features(generated, extractor), features(references, extractor)
     subset = min(len(generated), len(references))
-    out = torch_fidelity.calculate_metrics(
-        input1=_Images(generated), input2=_Images(references), fid=True, kid=True, feature_extractor=extractor,
-        kid_subset_size=subset, kid_subsets=100, batch_size=16, cuda=False, verbose=False, cache=False, rng_seed=seed,
-        save_cpu_ram=True,
-    )  # fmt: skip
+    fid = _fid(f_gen, f_ref)
+    kid, kid_std = _kid(f_gen, f_ref, subset, seed)
+    rng = np.random.default_rng(seed)
+    fids, kids = [], []
+    for _ in range(resamples):
+        draw = f_gen[torch.from_numpy(rng.integers(0, len(f_gen), len(f_gen)))]
+        fids.append(_fid(draw, f_ref))
+        kids.append(_kid(draw, f_ref, subset, seed)[0])
+    (fid_lo, fid_hi), (kid_lo, kid_hi) = np.quantile(fids, [0.025, 0.975]), np.quantile(kids, [0.025, 0.975])
     return {
-        "fid": round(float(out["frechet_inception_distance"]), 4),
-        "kid": round(float(out["kernel_inception_distance_mean"]), 6),
-        "kid_std": round(float(out["kernel_inception_distance_std"]), 6),
-        "kid_subset_size": subset,
-        "n_generated": len(generated),
-        "n_references": len(references),
-    }
+        "fid": round(fid, 4), "fid_ci_low": round(float(fid_lo), 4), "fid_ci_high": round(float(fid_hi), 4),
+        "kid": round(kid, 6), "kid_std": round(kid_std, 6), "kid_ci_low": round(float(kid_lo), 6),
+        "kid_ci_high": round(float(kid_hi), 6), "kid_subset_size": subset,
+        "n_generated": len(generated), "n_references": len(references),
+    }  # fmt: skip

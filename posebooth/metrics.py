@@ -209,19 +209,24 @@ def pose_scores(found, target_kp, sigmas) -> dict:
             "cosine": keypoint_cosine(kp, target_kp)}  # fmt: skip
 
 
-def summarise_pose_scores(rows: list[dict]) -> dict:
+def summarise_pose_scores(rows: list[dict], seed: int = 0) -> dict:
     """Detection rate, PCK@0.1 and @0.2 (a miss scores 0), OKS AP, mean OKS, keypoint cosine (over
-    detections), and the number of images behind them."""
-    return {
-        "detection_rate": round(sum(r["detected"] for r in rows) / len(rows), 6) if rows else None,
-        "pck_0.1": _mean(r["pck_0.1"] for r in rows),
-        "pck_0.2": _mean(r["pck_0.2"] for r in rows),
-        "oks_ap": None if not rows else (lambda v: None if v is None else round(v, 6))(
-            oks_ap([(r["score"], r["oks"]) for r in rows])),
-        "mean_oks": _mean(r["oks"] for r in rows),
-        "keypoint_cosine": _mean(r["cosine"] for r in rows),
-        "n_images": len(rows),
-    }  # fmt: skip
+    detections), each per-image score with a 95 % bootstrap interval (``<name>_ci_low``/``_ci_high``), and
+    the number of images behind them."""
+    from posebooth.stats import bootstrap_ci
+
+    out = {"detection_rate": round(sum(r["detected"] for r in rows) / len(rows), 6) if rows else None}
+    for key, values in (("detection_rate", [float(r["detected"]) for r in rows]),
+                        ("pck_0.1", [r["pck_0.1"] for r in rows]), ("pck_0.2", [r["pck_0.2"] for r in rows]),
+                        ("mean_oks", [r["oks"] for r in rows]), ("keypoint_cosine", [r["cosine"] for r in rows])):  # fmt: skip
+        if key != "detection_rate":
+            out[key] = _mean(values)
+        ci = bootstrap_ci(values, seed=seed)
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = (None, None) if ci is None else (round(ci[0], 6), round(ci[1], 6))
+    ap = oks_ap([(r["score"], r["oks"]) for r in rows]) if rows else None
+    out["oks_ap"] = None if ap is None else round(ap, 6)
+    out["n_images"] = len(rows)
+    return out
 
 
 def pose_adherence(detector, images: list, targets: list, names: list[str] | None = None) -> dict:

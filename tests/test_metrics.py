@@ -116,6 +116,7 @@ def test_pose_adherence_redetects_on_generated_images():
         "detector": "fixed", "pck_0.1": 1.0, "pck_0.2": 1.0, "detection_rate": 1.0, "oks_ap": 1.0, "mean_oks": 1.0,
         "keypoint_cosine": 1.0, "n_images": 3}  # fmt: skip
     assert hit["per_pose"]["a"]["n_images"] == 2 and hit["per_pose"]["b"]["n_images"] == 1
+    assert hit["pck_0.2_ci_low"] == hit["pck_0.2_ci_high"] == 1.0  # every image scored 1: no spread
     miss = pose_adherence(_FixedDetector(None), images, [target] * 3)
     assert miss["pck_0.2"] == 0.0 and miss["detection_rate"] == 0.0 and miss["oks_ap"] == 0.0
     assert miss["keypoint_cosine"] is None  # no detection: nothing to compare, said by the detection rate
@@ -242,6 +243,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_kid_works_below_the_default_subset
     other = fidelity.fid_kid(a, b, name)  # 5 images: far under torch-fidelity's default subset of 1000
     assert other["fid"] > 1.0 and other["kid"] > same["kid"]
     assert other["kid_subset_size"] == 5 and (other["n_generated"], other["n_references"]) == (8, 5)
+    assert other["fid_ci_low"] <= other["fid"] <= other["fid_ci_high"] and other["kid_ci_low"] <= other["kid_ci_high"]
 
 
 def test_inception_weights_load_safely(tmp_path):
