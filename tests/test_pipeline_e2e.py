@@ -151,6 +151,15 @@ def test_every_metric_key(repo):
     assert ev["pose_adherence"].startswith("not measured: the sidecar detector")
 
 
+def test_plots_include_the_metric_chart(repo):
+    root, _ = repo
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], root).stdout)
+    assert {"Stage 1 loss", "Stage 2 loss", "Evaluation metrics", "plots/sample_grid.png"} <= set(shown["data"])
+    assert not shown.get("errors")
+    rows = json.loads((root / "plots/evaluate_metrics.json").read_text())
+    assert [r["metric"] for r in rows] == ["dino", "clip_i", "clip_t", "lpips_diversity", "lpips_to_references", "pres"]
+
+
 def test_second_repro_is_a_no_op(repo):
     root, _ = repo
     again = run(["dvc", "repro"], root)
