@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".heic", ".heif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
 EXIF_ORIENTATION = 0x0112
 
 
@@ -34,6 +34,23 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def list_others(folder: Path) -> list[tuple[Path, str]]:
+    """What else ``folder`` holds, with why it is not used: sub-folders, and files that are neither images
+    nor keypoint sidecars (``.json`` next to an image of the same name)."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            out.append((p, "a sub-folder: only images directly in the folder are used"))
+        elif p.suffix.lower() == ".json":
+            if not any(p.with_suffix(s).exists() or p.with_suffix(s.upper()).exists() for s in IMAGE_SUFFIXES):
+                out.append((p, "a .json file with no image of the same name (sidecars sit next to their photo)"))
+        elif p.suffix.lower() not in IMAGE_SUFFIXES:
+            out.append((p, f"not an image ({p.suffix or 'no extension'}); images are {sorted(IMAGE_SUFFIXES)}"))
+    return out
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -46,20 +63,60 @@ def _register_heif() -> None:
     register_heif_opener()
 
 
-def load_image(path: Path) -> LoadedImage:
-    """Open ``path``, apply its EXIF orientation and convert to RGB; ``ImageError`` if unreadable."""
+def load_image(path: Path, background: tuple[int, int, int] = (255, 255, 255)) -> LoadedImage:
+    """Open ``path``, apply its EXIF orientation and convert to 8-bit RGB; ``ImageError`` if unusable.
+
+    Transparent images (RGBA, LA, palette with transparency) are composited onto ``background``; 16-bit
+    and 32-bit grey images are scaled to 8 bits rather than clipped; an animated image gives its first
+    frame; an image over PIL's decompression-bomb limit is refused unopened.
+    """
+    import warnings
+
     if path.suffix.lower() in (".heic", ".heif"):
         _register_heif()
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: an empty file (0 bytes); remove or replace it")
     try:
-        with Image.open(path) as im:
-            im.load()
-            orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
-            stored = im.size
-            shown = ImageOps.exif_transpose(im)
-            rgb = shown.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refuse
+            with Image.open(path) as im:
+                im.load()
+                orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+                stored = im.size
+                rgb = _to_rgb(ImageOps.exif_transpose(im), background)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{path}: too many pixels to open safely ({err}); downscale it first") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{path}: cannot be read as an image ({err}); remove or replace it") from err
     return LoadedImage(rgb, orientation if orientation in range(1, 9) else 1, stored)
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16/32-bit grey: scale, do not clip
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        top = max(top if im.mode != "F" else a.max(), 1e-12)
+        im = Image.fromarray(np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def near_hash(image: Image.Image, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """A difference hash (dHash: 256 bits from a 17 x 16 grey thumbnail) and an 8 x 8 colour thumbnail.
+    Near duplicates (re-encoded or resized copies) differ in few bits and little colour; the colour
+    keeps flat images, whose hashes are all alike, apart."""
+    grey = np.asarray(image.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.int16)
+    thumb = np.asarray(image.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.float64)
+    return (grey[:, 1:] > grey[:, :-1]).flatten(), thumb
+
+
+def is_near_duplicate(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], bits: int = 12) -> bool:
+    """Whether two ``near_hash`` values are the same picture: at most ``bits`` of 256 differ and the colour
+    thumbnails differ by under 12 levels on average."""
+    return int((a[0] != b[0]).sum()) <= bits and float(np.abs(a[1] - b[1]).mean()) < 12.0
 
 
 def orient_points(xy: np.ndarray, orientation: int, size: tuple[int, int]) -> np.ndarray:

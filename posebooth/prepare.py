@@ -17,13 +17,18 @@ from posebooth.images import (
     centre_crop_box,
     crop_resize,
     file_sha256,
+    is_near_duplicate,
     list_images,
+    list_others,
     load_image,
+    near_hash,
     orient_points,
     pad_box,
     pixel_hash,
 )
 from posebooth.poses import Pose, crop_scale_pose, load_pose, map_pose
+
+NEAR_DUPLICATE_BITS = 12  # of the 256-bit difference hash: re-encodes and resizes differ by a few bits
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +82,12 @@ def prepare_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"prepare_images.input_dir: {folder} is not a folder; put the subject's photos there")
     kept: list[Prepared] = []
-    skipped: list[Skipped] = []
+    skipped: list[Skipped] = [Skipped(p, why) for p, why in list_others(folder)]
     seen: dict[str, Path] = {}
+    near: list[tuple[tuple, Path]] = []
     for i, path in enumerate(list_images(folder)):
         try:
-            loaded = load_image(path)
+            loaded = load_image(path, tuple(pad_color))
         except ImageError as err:
             skipped.append(Skipped(path, str(err).removeprefix(f"{path}: ")))
             continue
@@ -98,6 +104,12 @@ def prepare_folder(
             skipped.append(Skipped(path, f"duplicate of {seen[digest].name}"))
             continue
         seen[digest] = path
+        bits = near_hash(loaded.image)
+        twin = next((p for h, p in near if is_near_duplicate(h, bits, NEAR_DUPLICATE_BITS)), None)
+        if twin is not None:
+            skipped.append(Skipped(path, f"near duplicate of {twin.name} (the same picture resized or re-encoded)"))
+            continue
+        near.append((bits, path))
         box, how, face = choose_box(loaded.image, crop)
         if how.startswith("centre (no face"):
             log.warning("%s: no face found, centre crop instead", path)

@@ -72,11 +72,11 @@ def test_bad_files_are_skipped_with_reasons(tmp_path):
     Image.new("RGB", (80, 90), (10, 200, 10)).save(src / "c.png")
     (src / "broken.jpg").write_text("not a jpeg")
     Image.new("RGB", (20, 20)).save(src / "tiny.png")
-    (src / "notes.txt").write_text("ignored: not an image suffix")
+    (src / "notes.txt").write_text("not an image suffix")
     kept, skipped = prepare_folder(src, 32, 32)
     assert [k.source.name for k in kept] == ["a.png", "c.png"]
     reasons = {s.source.name: s.reason for s in skipped}
-    assert set(reasons) == {"b_same_pixels.png", "broken.jpg", "tiny.png"}
+    assert set(reasons) == {"b_same_pixels.png", "broken.jpg", "tiny.png", "notes.txt"}
     assert "duplicate of a.png" in reasons["b_same_pixels.png"]
     assert "cannot be read as an image" in reasons["broken.jpg"]
     assert "too small: 20x20" in reasons["tiny.png"]

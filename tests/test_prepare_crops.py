@@ -101,9 +101,9 @@ def test_heic_and_webp_are_read(tmp_path):
     from pillow_heif import register_heif_opener
 
     register_heif_opener()
-    base = photo(size=(120, 90), faces=())
+    base = photo(size=(120, 90), faces=((35, 40, 18),))
     base.save(tmp_path / "a.heic")
-    base.save(tmp_path / "b.webp", lossless=True)
+    base.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "b.webp", lossless=True)  # another picture
     heic, webp = load_image(tmp_path / "a.heic"), load_image(tmp_path / "b.webp")
     assert heic.image.size == webp.image.size == (120, 90) and heic.image.mode == "RGB"
     kept, skipped = prepare_folder(tmp_path, 32, 16)
