@@ -220,7 +220,7 @@ def load_dwpose(mode: str, det: str, pose: str, device: str):
                 )
         elif not (cache / (Path(url).name.split(".")[0] + ".onnx")).exists():
             missing.append(url)
-    if missing and not _reachable(DWPOSE_HOST):
+    if missing and not hub.reachable(DWPOSE_HOST):
         raise OSError(
             f"DWPose weights are not on this machine and {DWPOSE_HOST} cannot be reached: download "
             + " and ".join(missing)
@@ -234,20 +234,6 @@ def load_dwpose(mode: str, det: str, pose: str, device: str):
     if pose:
         kwargs["pose_input_size"] = urls["pose_input_size"]
     return Wholebody(mode=mode, to_openpose=True, backend="onnxruntime", device=device, **kwargs)
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    """Whether ``host`` accepts a connection; False at once when the environment says offline."""
-    import os
-    import socket
-
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "POSEBOOTH_OFFLINE")):
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def make_detector(name: str, e=None, device: str = "cpu") -> Detector:

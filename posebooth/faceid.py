@@ -13,13 +13,11 @@ without it, or without its weights, the metric says "not measured" and why, and 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from posebooth import stats
+from posebooth import hub, stats
 from posebooth.faces import detect_faces
 
 FACENET_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
@@ -62,22 +60,8 @@ class FacenetEmbedder:
 
 
 def _facenet_state(weights: str) -> dict:
-    if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"evaluate.face_weights: {path} does not exist")
-    else:
-        from torch.hub import get_dir
-
-        path = Path(get_dir()) / "checkpoints" / Path(FACENET_URL).name
-        if not path.exists():
-            from posebooth.detectors import _reachable
-
-            if not _reachable("github.com"):
-                raise OSError(f"FaceNet weights are not on this machine and github.com cannot be reached: "
-                              f"download {FACENET_URL} into {path.parent} or set evaluate.face_weights")  # fmt: skip
-            torch.hub.download_url_to_file(FACENET_URL, str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    path = hub.release_file(weights, FACENET_URL, "evaluate.face_weights", "FaceNet weights")
+    state = hub.load_weights(path)
     return {k: v for k, v in state.items() if not k.startswith("logits.")}  # the classifier is not used
 
 

@@ -13,7 +13,6 @@ offline and measures nothing (``stand_in``).
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,29 +108,15 @@ def _loaded_state(state: dict):
 def load_inception_state(weights: str) -> dict:
     """InceptionV3 weights from a local ``.safetensors``/``.pth`` file, or (``""``) torch-fidelity's
     release file through torch hub's cache; ``.pth`` files are read with ``weights_only=True``."""
-    if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"evaluate.inception_weights: {path} does not exist")
-    else:
-        from torch.hub import get_dir
+    from posebooth import hub
 
-        path = Path(get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
-        if not path.exists():
-            from posebooth.detectors import _reachable
-
-            if not _reachable("github.com"):
-                raise OSError(
-                    f"InceptionV3 weights for FID/KID are not on this machine and github.com cannot be reached: "
-                    f"download {INCEPTION_URL} on a connected machine into {path.parent}, or set "
-                    "evaluate.inception_weights to a local file (or evaluate.fid_model: none)"
-                )
-            torch.hub.download_url_to_file(INCEPTION_URL, str(path))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    path = hub.release_file(
+        weights,
+        INCEPTION_URL,
+        "evaluate.inception_weights",
+        "InceptionV3 weights for FID/KID (or set evaluate.fid_model: none)",
+    )
+    return hub.load_weights(path)
 
 
 def register(model: str, inception_weights: str = "") -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,17 +21,66 @@ def how_to_get(ref: str) -> str:
     )
 
 
-@lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host accepts a connection; False at once with ``HF_HUB_OFFLINE=1``."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "POSEBOOTH_OFFLINE")
+
+
+def offline() -> bool:
+    """Whether the environment says not to try the network (``HF_HUB_OFFLINE`` or ``POSEBOOTH_OFFLINE``)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_VARIABLES)
+
+
+@cache
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether ``host`` accepts a connection (a 3-second probe); False at once when offline()."""
+    if offline():
         return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``) answers."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return reachable(url.hostname, url.port or 443)
+
+
+def release_file(local: str, url: str, key: str, what: str) -> Path:
+    """The path of a weights file: ``local`` when given (params key ``key``), else ``url``'s file in torch
+    hub's cache, downloaded when missing. Fails at once, naming the URL and the folder, when it is missing
+    and the URL's host cannot be reached."""
+    if local:
+        path = Path(local)
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: {path} does not exist")
+        return path
+    from torch.hub import download_url_to_file, get_dir
+
+    path = Path(get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if path.exists():
+        return path
+    if not reachable(urlparse(url).hostname):
+        raise OSError(
+            f"{what} are not on this machine and {urlparse(url).hostname} cannot be reached: download {url} "
+            f"on a connected machine into {path.parent}, or set {key} to a local file"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    download_url_to_file(url, str(path))
+    return path
+
+
+def load_weights(path: Path) -> dict:
+    """A state dict from ``.safetensors``, or from a third-party ``.pth`` read with ``weights_only=True``
+    (tensors only: a pickle that would run code is refused)."""
+    import torch
+
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def is_cached(repo_id: str, filename: str) -> bool:

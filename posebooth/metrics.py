@@ -100,6 +100,20 @@ def scale_pose_keypoints(keypoints, from_size: tuple[int, int], to_size: tuple[i
     return kp
 
 
+def _visible_pair(predicted, target):
+    """The common start of ``pck`` and ``oks``: ``None`` when the target has fewer than two visible keypoints
+    (nothing to score), ``0.0`` when nothing was detected, else ``(predicted, visible target xy, mask)``."""
+    import numpy as np
+
+    target = np.asarray(target, dtype=np.float64)
+    vis = target[:, 2] > 0
+    if vis.sum() < 2:
+        return None
+    if predicted is None:
+        return 0.0
+    return np.asarray(predicted, dtype=np.float64), target[vis, :2], vis
+
+
 def pck(predicted, target, alpha: float) -> float | None:
     """Percentage of Correct Keypoints: the share of the target's visible keypoints that the prediction has
     within ``alpha`` x the longer side of the target's keypoint bounding box (HumanSD-style pose adherence).
@@ -110,14 +124,10 @@ def pck(predicted, target, alpha: float) -> float | None:
     """
     import numpy as np
 
-    target = np.asarray(target, dtype=np.float64)
-    vis = target[:, 2] > 0
-    if vis.sum() < 2:
-        return None
-    if predicted is None:
-        return 0.0
-    predicted = np.asarray(predicted, dtype=np.float64)
-    xy = target[vis, :2]
+    pair = _visible_pair(predicted, target)
+    if not isinstance(pair, tuple):
+        return pair
+    predicted, xy, vis = pair
     scale = max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1]))
     if scale <= 0:
         return None
@@ -133,14 +143,10 @@ def oks(predicted, target, sigmas) -> float | None:
     two visible keypoints; 0 for no detection."""
     import numpy as np
 
-    target = np.asarray(target, dtype=np.float64)
-    vis = target[:, 2] > 0
-    if vis.sum() < 2:
-        return None
-    if predicted is None:
-        return 0.0
-    predicted = np.asarray(predicted, dtype=np.float64)
-    xy = target[vis, :2]
+    pair = _visible_pair(predicted, target)
+    if not isinstance(pair, tuple):
+        return pair
+    predicted, xy, vis = pair
     area = max(np.ptp(xy[:, 0]) * np.ptp(xy[:, 1]), 1.0)
     k = 2 * np.asarray(sigmas, dtype=np.float64)[vis]
     d2 = ((predicted[vis, :2] - xy) ** 2).sum(axis=1)

@@ -96,7 +96,7 @@ def test_openpose_offline_fails_within_seconds_naming_the_weights(monkeypatch, t
         raise OSError("connection refused (test)")
 
     monkeypatch.setattr(hub.socket, "create_connection", refuse)
-    hub.hub_reachable.cache_clear()
+    hub.reachable.cache_clear()
     start = time.monotonic()
     with pytest.raises(
         OSError,
@@ -104,7 +104,7 @@ def test_openpose_offline_fails_within_seconds_naming_the_weights(monkeypatch, t
     ):
         make_detector("openpose", settings())
     assert time.monotonic() - start < 15
-    hub.hub_reachable.cache_clear()
+    hub.reachable.cache_clear()
     with pytest.raises(FileNotFoundError, match=r"the folder has no body_pose_model.pth"):
         make_detector("openpose", settings(openpose_weights=str(tmp_path)))
 

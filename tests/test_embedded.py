@@ -71,7 +71,7 @@ def test_refs(tiny_sd):
 def test_hub_id_offline_fails_fast_and_clearly(offline_env, monkeypatch, offline_flag):
     """With HF_HUB_OFFLINE, or with a Hub that does not answer, the error comes at once and says what to do."""
     monkeypatch.setenv("HF_HUB_OFFLINE", offline_flag)
-    hub.hub_reachable.cache_clear()
+    hub.reachable.cache_clear()
     if not offline_flag:  # a Hub that does not answer (also on a machine that has the network)
         monkeypatch.setattr(hub.socket, "create_connection", _refuse)
     start = time.monotonic()
@@ -80,7 +80,7 @@ def test_hub_id_offline_fails_fast_and_clearly(offline_env, monkeypatch, offline
     assert time.monotonic() - start < 15  # huggingface_hub alone retries for ~25 s
     with pytest.raises(OSError, match=r"ControlNet 'nobody/cn' is not on this machine"):
         load_controlnet("nobody/cn")
-    hub.hub_reachable.cache_clear()
+    hub.reachable.cache_clear()
 
 
 def _refuse(*args, **kwargs):
