@@ -78,6 +78,7 @@ def save(
         outputs.write_json(tmp / "state.json", {
             "step": step, "optimizer": opt_rest, "lr_scheduler": lr_scheduler.state_dict(), "history": history,
         })  # fmt: skip
+    outputs.failpoint("checkpoint-saved")
 
 
 def load(folder: Path, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler, generator) -> tuple[int, list]:

@@ -55,6 +55,7 @@ class Common:
     seed: int = _nonneg()
     device: Literal["cpu", "cuda", "mps"]
     precision: Literal["fp32", "fp16", "bf16"]  # of the frozen weights and the forward pass; trained weights stay fp32
+    deterministic: bool  # GPU: deterministic kernels only (slower); CPU runs are bit-identical either way
 
 
 @dataclass(frozen=True)

@@ -132,18 +132,32 @@ def sd_pipeline(comp: Components, scheduler_name: str, controlnet=None):
     return pipe
 
 
+def drop_local_paths(folder) -> None:
+    """Remove the ``_name_or_path`` diffusers and transformers write into saved configs: it records where
+    the base model happened to be loaded from (a cache folder), which would make the same training give
+    different files on different machines. Loading does not need it."""
+    import json
+    from pathlib import Path
+
+    for config in [*Path(folder).rglob("config.json"), *Path(folder).rglob("model_index.json")]:
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def weights_fingerprint(ref: str) -> str:
     """What identifies the weights behind ``ref``, for caches of things they generate.
 
-    Embedded: its folder (keyed by the builder's hash). Local folder: a hash of its files' names, sizes
-    and modification times. Hub id: the cached snapshot's commit, else the id itself.
+    Embedded: its name and builder hash (not where the cache lives, so outputs that record it are the same
+    on every machine). Local folder: a hash of its files' names, sizes and modification times. Hub id: the
+    cached snapshot's commit, else the id itself.
     """
     import hashlib
     from pathlib import Path
 
     path = embedded.resolve(ref)
     if embedded.is_embedded(ref):
-        return path
+        return f"{ref}@{Path(path).name}"
     if Path(path).is_dir():
         files = sorted(p for p in Path(path).rglob("*") if p.is_file())
         stat = "\n".join(f"{p.relative_to(path)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)

@@ -26,12 +26,13 @@ def cache_key(**fields) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cache_dir(key: str) -> Path:
-    return embedded.cache_root().parent / "class_priors" / key
+def cache_dir(key: str, kind: str = "class_priors") -> Path:
+    """``$POSEBOOTH_CACHE/<kind>/<key>/`` (``sample`` keeps the rows it has made there until it finishes)."""
+    return embedded.cache_root().parent / kind / key
 
 
-def load_cached(folder: Path, seed: int, resolution: int) -> Image.Image | None:
-    """The cached image for ``seed`` if it exists, decodes and has the right size; otherwise ``None``."""
+def load_cached(folder: Path, seed: int | str, resolution: int) -> Image.Image | None:
+    """The cached image for ``seed`` (or a name) if it exists, decodes and has the right size; else ``None``."""
     path = folder / f"{seed}.png"
     if not path.exists():
         return None
@@ -44,7 +45,7 @@ def load_cached(folder: Path, seed: int, resolution: int) -> Image.Image | None:
     return image if image.size == (resolution, resolution) else None
 
 
-def store(folder: Path, seed: int, image: Image.Image) -> None:
+def store(folder: Path, seed: int | str, image: Image.Image) -> None:
     """Write ``image`` for ``seed`` atomically (temporary file, then rename)."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{seed}.", suffix=".png", dir=folder)

@@ -31,11 +31,11 @@ def load_into(pipe, stage1: str | Path, adapter_name: str = "subject") -> bool:
         raise FileNotFoundError(f"{folder}: holds none of {list(FILES)}; run train_stage1_appearance first (dvc repro)")
     has_lora = (folder / LORA_FILE).exists()
     if has_lora:
-        pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+        pipe.load_lora_weights(str(folder), adapter_name=adapter_name, use_safetensors=True)
     if (folder / CD_FILE).exists():
         load_custom_diffusion(pipe, folder / CD_FILE)
     if (folder / TI_FILE).exists():
-        pipe.load_textual_inversion(str(folder), weight_name=TI_FILE)
+        pipe.load_textual_inversion(str(folder), weight_name=TI_FILE, use_safetensors=True)
     return has_lora
 
 
@@ -85,9 +85,9 @@ def trained_pipelines(
     for i, (path, weight) in enumerate(extra_loras):
         p = Path(path)
         if p.is_file():
-            posed.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=f"extra_{i}")
+            posed.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=f"extra_{i}", use_safetensors=True)
         elif p.is_dir():
-            posed.load_lora_weights(str(p), adapter_name=f"extra_{i}")
+            posed.load_lora_weights(str(p), adapter_name=f"extra_{i}", use_safetensors=True)
         else:
             raise FileNotFoundError(f"sample.extra_loras: {path} is neither a LoRA folder nor a .safetensors file")
         names.append(f"extra_{i}")

@@ -84,7 +84,8 @@ class StepLog:
 
         self.metrics_path, self.plots_dir = Path(metrics_path), Path(plots_dir)
         self.plots_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=".dvclive-", dir=self.plots_dir.parent))
+        outputs.remove_stale(self.plots_dir, "live")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.plots_dir.name}.live-", dir=self.plots_dir.parent))
         self.live = Live(str(self.tmp), dvcyaml=False, save_dvc_exp=False, report=None)
         self.history: list[dict] = []
         for values in history or []:

@@ -48,9 +48,10 @@ def main() -> None:
     ap.add_argument("--breakdown", default="metrics/evaluate_breakdown.json")
     ap.add_argument("--plot", default="plots/evaluate_metrics.json")
     args = ap.parse_args()
+    outputs.claim("evaluate", args.metrics, args.breakdown, args.plot)
     cfg = config.load(["common", "evaluate", "extract_poses"])
     c, e = cfg.common, cfg.evaluate
-    outputs.seed_everything(c.seed)
+    outputs.seed_everything(c.seed, c.deterministic)
 
     index = outputs.read_json(Path(args.samples) / "index.json")
     entries = index["images"]
@@ -141,6 +142,7 @@ def main() -> None:
     if result["stand_in"]:
         log.warning("stand-in backbones in use: these numbers test the pipeline and measure nothing")
     outputs.write_json(args.metrics, result)
+    outputs.failpoint("evaluate:metrics-written")
     outputs.write_json(args.breakdown, breakdown)
     # One row per metric with its interval: a bar chart that `dvc plots diff` compares across experiments.
     rows = [{"metric": k, "value": result[k]["mean"], "ci_low": result[k]["ci_low"], "ci_high": result[k]["ci_high"],

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--out", default="data/poses")
     ap.add_argument("--metrics", default="metrics/extract_poses.json")
     args = ap.parse_args()
+    outputs.claim("extract_poses", args.out, args.metrics)
     cfg = config.load(["common", "extract_poses"])
     e = cfg.extract_poses
     detector = make_detector(e.detector, e, cfg.common.device)

@@ -37,9 +37,10 @@ def main() -> None:
     ap.add_argument("--out", default="data/class_priors")
     ap.add_argument("--prepared", default="data/prepared")
     args = ap.parse_args()
+    outputs.claim("generate_class_priors", args.out)
     cfg = config.load(["common", "generate_class_priors", "extract_poses"])
     c, g, ep = cfg.common, cfg.generate_class_priors, cfg.extract_poses
-    outputs.seed_everything(c.seed)
+    outputs.seed_everything(c.seed, c.deterministic)
     prompt = config.fill(c.class_prompt, c)
 
     with outputs.atomic_dir(args.out) as tmp:
@@ -67,15 +68,22 @@ def main() -> None:
             )  # fmt: skip
             cache = priors.cache_dir(key)
             images = {s: priors.load_cached(cache, s, c.resolution) for s in seeds}
-            todo = [s for s in seeds if images[s] is None]
-            log.info("%d of %d class image(s) found in the cache %s", len(seeds) - len(todo), len(seeds), cache)
+            # Batches of one pose each (a batch shares its control image). A batch is made again whole unless
+            # all its images are cached, so a resumed run batches exactly like an uninterrupted one.
+            groups = [[s for s in seeds if pose_of[s][0] == name] for name, _ in poses] if poses else [seeds]
+            batches = [b for group in groups for b in chunks(group, g.batch_size)]
+            todo = [b for b in batches if any(images[s] is None for s in b)]
+            log.info("%d of %d class image(s) found in the cache %s", len(seeds) - sum(map(len, todo)), len(seeds),
+                     cache)  # fmt: skip
+            outputs.require_free_space(
+                {cache: sum(map(len, todo)) * 3 * c.resolution**2, args.out: len(seeds) * 3 * c.resolution**2},
+                "generate_class_priors",
+            )
             if todo:
                 controlnet = load_controlnet(g.controlnet, None, c.device, c.precision) if poses else None
                 pipe = sd_pipeline(load_components(c.model, c.device, c.precision), g.scheduler, controlnet)
-                # Batches of one pose each (a batch shares its control image).
-                groups = [[s for s in todo if pose_of[s][0] == name] for name, _ in poses] if poses else [todo]
-                with tqdm(total=len(todo), desc="class priors", unit="img") as bar:
-                    for batch in (b for group in groups for b in chunks(group, g.batch_size)):
+                with tqdm(total=sum(map(len, todo)), desc="class priors", unit="img") as bar:
+                    for batch in todo:
                         control = (
                             {"control_image": render_pose(pose_of[batch[0]][1], c.resolution, ep.render_size)}
                             if poses else {}
@@ -86,6 +94,7 @@ def main() -> None:
                             priors.store(cache, seed, image)  # at once: an interrupted run keeps its work
                             images[seed] = image
                         bar.update(len(batch))
+                        outputs.failpoint("class-priors:batch")
             records = []
             if poses:
                 (tmp / "keypoints").mkdir()

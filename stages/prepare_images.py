@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--out", default="data/prepared")
     ap.add_argument("--metrics", default="metrics/prepare_images.json")
     args = ap.parse_args()
+    outputs.claim("prepare_images", args.out, args.metrics)
     cfg = config.load(["common", "prepare_images"])
     p = cfg.prepare_images
 
@@ -33,6 +34,8 @@ def main() -> None:
             f"{p.min_images}); add photos or lower the minimum. Skipped: "
             + ("; ".join(f"{s.source}: {s.reason}" for s in skipped) or "none")
         )
+    res = cfg.common.resolution
+    outputs.require_free_space({args.out: len(kept) * res * res * 3 * 2}, "prepare_images")  # PNGs, keypoints
     with outputs.atomic_dir(args.out) as tmp:
         write_prepared(tmp, kept, skipped)
     outputs.write_json(

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 from tqdm import tqdm
 
-from posebooth import config, outputs, subject
+from posebooth import checkpoints, config, outputs, priors, subject
 from posebooth.detectors import make_detector
 from posebooth.generation import generate
 from posebooth.grid import contact_sheet
-from posebooth.models import load_components
+from posebooth.models import load_components, weights_fingerprint
 from posebooth.poses import IMAGE_SUFFIXES, load_target_poses, parse_pose_entry, render_pose
 
 log = logging.getLogger("sample")
@@ -35,9 +36,10 @@ def main() -> None:
     ap.add_argument("--target-poses", default="data/target_poses")
     ap.add_argument("--loras", default="data/loras")
     args = ap.parse_args()
+    outputs.claim("sample", args.out, args.grid)
     cfg = config.load(["common", "sample", "extract_poses"])
     c, s = cfg.common, cfg.sample
-    outputs.seed_everything(c.seed)
+    outputs.seed_everything(c.seed, c.deterministic)
     ep = cfg.extract_poses
     images = [p for p in s.poses if parse_pose_entry(p)[0].suffix.lower() in IMAGE_SUFFIXES]
     detect = make_detector(ep.detector, ep, c.device).detect if images and ep.detector != "sidecar" else None
@@ -55,7 +57,14 @@ def main() -> None:
     jobs += [(p, name, "subject") for p in (s.pose_prompts or s.prompts) for name in poses]
     if s.prior_images:  # the class prompt through the trained model: PRES (language drift) in evaluate
         jobs.append((c.class_prompt, None, "class"))
-    index, rows = [], []
+    # Resumable: each finished row is kept in a cache keyed by everything that makes the images (params, the
+    # trained models, the target poses), so a re-run after an interruption makes only the rest.
+    inputs = [args.stage1, args.stage2, args.target_poses] + ([args.loras] if extras else [])
+    key = checkpoints.fingerprint(cfg.as_dict() | {"model": weights_fingerprint(c.model)}, inputs)
+    cache = priors.cache_dir(key, "samples")
+    image_bytes = len(jobs) * len(s.seeds) * 3 * c.resolution**2
+    outputs.require_free_space({cache: image_bytes, args.out: image_bytes}, "sample")
+    index, rows, reused = [], [], 0
     with outputs.atomic_dir(args.out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "poses").mkdir()
@@ -68,12 +77,20 @@ def main() -> None:
             prompt = config.fill(template, c)
             common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution,
                           negative_prompt=s.negative_prompt)  # fmt: skip
-            if pose_name is None:
-                images = generate(free, prompt, s.seeds, **common)
+            names = [f"{j:03d}_s{seed}" for seed in s.seeds]
+            images = [priors.load_cached(cache, n, c.resolution) for n in names]
+            if any(image is None for image in images):  # the whole row again, batched as in an uninterrupted run
+                if pose_name is None:
+                    images = generate(free, prompt, s.seeds, **common)
+                else:
+                    images = generate(posed, prompt, s.seeds, control_image=pose_maps[pose_name],
+                                      conditioning_scale=s.conditioning_scale,
+                                      control_guidance=(s.control_guidance_start, s.control_guidance_end), **common)  # fmt: skip
+                for n, image in zip(names, images, strict=True):
+                    priors.store(cache, n, image)
+                outputs.failpoint("sample:row")
             else:
-                images = generate(posed, prompt, s.seeds, control_image=pose_maps[pose_name],
-                                  conditioning_scale=s.conditioning_scale,
-                                  control_guidance=(s.control_guidance_start, s.control_guidance_end), **common)  # fmt: skip
+                reused += 1
             for seed, image in zip(s.seeds, images, strict=True):
                 file = f"images/{j:03d}_{pose_name or ('class' if kind == 'class' else 'free')}_s{seed}.png"
                 image.save(tmp / file)
@@ -91,11 +108,10 @@ def main() -> None:
             "class_noun": c.class_noun, "resolution": c.resolution, "images": index,
         })  # fmt: skip
     sheet = contact_sheet(rows, ["target pose"] + [f"seed {x}" for x in s.seeds])
-    Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-    tmp_grid = Path(args.grid).with_suffix(".tmp.png")
-    sheet.save(tmp_grid)
-    tmp_grid.replace(args.grid)
-    log.info("wrote %d image(s) to %s and the contact sheet to %s", len(index), args.out, args.grid)
+    outputs.save_image(args.grid, sheet)
+    shutil.rmtree(cache, ignore_errors=True)
+    log.info("wrote %d image(s) to %s and the contact sheet to %s; %d of %d row(s) were made before an interruption",
+             len(index), args.out, args.grid, reused, len(jobs))  # fmt: skip
 
 
 if __name__ == "__main__":

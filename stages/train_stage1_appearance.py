@@ -26,7 +26,14 @@ from posebooth.diffusion import add_noise
 from posebooth.generation import generate
 from posebooth.identifier import check_identifier
 from posebooth.lora import KOHYA_FILE, LORA_FILE, export_kohya
-from posebooth.models import encode_images, encode_prompts, load_components, sd_pipeline, weights_fingerprint
+from posebooth.models import (
+    drop_local_paths,
+    encode_images,
+    encode_prompts,
+    load_components,
+    sd_pipeline,
+    weights_fingerprint,
+)
 from posebooth.prompts import choose_variants, instance_prompts, prompt_variants
 from posebooth.training import StepLog, sample_indices
 
@@ -41,9 +48,10 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/train_stage1_appearance.json")
     ap.add_argument("--plots", default="plots/train_stage1_appearance")
     args = ap.parse_args()
+    outputs.claim("train_stage1_appearance", args.out, args.metrics, args.plots)
     cfg = config.load(["common", "train"])
     c, t = cfg.common, cfg.train
-    generator = outputs.seed_everything(c.seed)
+    generator = outputs.seed_everything(c.seed, c.deterministic)
 
     _, instance_pixels = data.instance_images(args.prepared, c.resolution)  # (N, 3, R, R) in [-1, 1]
     class_pixels = data.class_images(args.class_priors, c.resolution)  # (M, 3, R, R), M may be 0
@@ -107,6 +115,10 @@ def main() -> None:
             steps = methods.phase_steps(phase, t)
             tr = methods.setup(phase, comp, t, c.identifier, c.class_noun)  # may add a token
             trainable_count += tr.learned_values
+            # Checkpoints hold weights and two Adam moments; the output, the adapter (or the whole pipeline).
+            weights = outputs.nbytes(tr.named.values())
+            saved = outputs.nbytes(unet, text_encoder, comp.vae) if phase == "full" else weights
+            outputs.require_free_space({ckpt_root: 3 * weights, args.out: saved}, "train_stage1_appearance")
             models = [unet, text_encoder] if tr.text_encoder_trains else [unet]
             accelerator, models, optimizer, lr_scheduler = training.prepare(
                 models, tr.groups, t, c.device, c.precision, steps
@@ -194,6 +206,7 @@ def main() -> None:
                 files=[f.name for f in files],
             ))  # fmt: skip
             (tmp / "README.md").write_text(provenance.stage1_card(c.model, templates[0], t.method))
+            drop_local_paths(tmp)
         steplog.close()
         checkpoints.remove(ckpt_root)
     except BaseException:

@@ -26,6 +26,7 @@ from posebooth import checkpoints, config, data, outputs, provenance, subject, t
 from posebooth.diffusion import add_noise
 from posebooth.lora import add_controlnet_lora, save_controlnet_lora, save_unet_lora
 from posebooth.models import (
+    drop_local_paths,
     encode_images,
     encode_prompts,
     load_components,
@@ -48,9 +49,10 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/train_stage2_pose.json")
     ap.add_argument("--plots", default="plots/train_stage2_pose")
     args = ap.parse_args()
+    outputs.claim("train_stage2_pose", args.out, args.metrics, args.plots)
     cfg = config.load(["common", "train_pose"])
     c, t = cfg.common, cfg.train_pose
-    generator = outputs.seed_everything(c.seed)
+    generator = outputs.seed_everything(c.seed, c.deterministic)
 
     dirs = {"instance": args.prepared, "class": args.class_priors}
     names, pixels, conds = data.pose_pairs(args.poses, dirs, c.resolution, "instance")  # [-1, 1], [0, 1]
@@ -116,6 +118,9 @@ def main() -> None:
             [args.prepared, args.class_priors, args.poses, args.stage1],
         ),
     )
+    weights = outputs.nbytes(trainable.values())  # checkpoints: weights and two Adam moments
+    saved = outputs.nbytes(controlnet) if t.mode == "full" or base is not None else weights
+    outputs.require_free_space({ckpt: 3 * weights, args.out: saved}, "train_stage2_pose")
     first, history = 0, []
     if (ckpt / "state.json").exists():
         first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator)
@@ -175,6 +180,7 @@ def main() -> None:
                 stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],
             ))  # fmt: skip
             (tmp / "README.md").write_text(provenance.stage2_card(c.model, prompts[0]))
+            drop_local_paths(tmp)
         steplog.close()
         checkpoints.remove(ckpt)
     except BaseException:

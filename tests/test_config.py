@@ -44,6 +44,14 @@ def test_repository_params_load(tmp_path, params):
         ("common", "device", "tpu", r"common.device: 'tpu' is not allowed"),
         ("train_pose", "empty_prompt_prob", 1.5, r"train_pose.empty_prompt_prob: 1.5 is out of range; it must be <= 1"),
         ("extract_poses", "detector", "magic", r"extract_poses.detector: 'magic' is not allowed"),
+        ("train", "method", "hypernetwork", r"train.method: 'hypernetwork' is not allowed; choose one of \['lora'"),
+        ("train", "lr_scheduler", "magic", r"train.lr_scheduler: 'magic' is not allowed"),
+        ("train", "optimizer", "sgd", r"train.optimizer: 'sgd' is not allowed"),
+        ("train_pose", "rank", -4, r"train_pose.rank: -4 is out of range; it must be >= 1"),
+        ("train_pose", "steps", 0, r"train_pose.steps: 0 is out of range"),
+        ("train_pose", "lr", -0.1, r"train_pose.lr: -0.1 is out of range; it must be > 0"),
+        ("generate_class_priors", "scheduler", "magic", r"generate_class_priors.scheduler: 'magic' is not allowed"),
+        ("common", "deterministic", "yes", r"common.deterministic: expected bool, got str 'yes'"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, params, section, key, value, message):
