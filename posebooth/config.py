@@ -56,6 +56,7 @@ class Common:
     device: Literal["cpu", "cuda", "mps"]
     precision: Literal["fp32", "fp16", "bf16"]  # of the frozen weights and the forward pass; trained weights stay fp32
     deterministic: bool  # GPU: deterministic kernels only (slower); CPU runs are bit-identical either way
+    train_launcher: str  # what runs the training stages (dvc.yaml's cmd): python, or accelerate launch [options]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class Sample:
     pose_prompts: list[str]  # sampled in every target pose; [] = prompts
     poses: list[str]  # keypoint JSON files of target poses
     seeds: list[int]
+    batch_size: int = _rng(1)  # images per pipeline call, across prompts and seeds
     steps: int = _rng(1)
     guidance_scale: float = _nonneg()
     conditioning_scale: float = _nonneg()
@@ -349,6 +351,12 @@ def _cross_checks(cfg: Config) -> None:
                 ) from err
     if cfg.train is not None:
         _check_method(cfg.train)
+    if cfg.common is not None and not re.fullmatch(r"(python|accelerate launch|torchrun)( [-\w=.:/]+)*",
+                                                   cfg.common.train_launcher):  # fmt: skip
+        raise ConfigError(
+            f"common.train_launcher: {cfg.common.train_launcher!r}; use python, or accelerate launch (after "
+            "`accelerate config`) or torchrun, optionally followed by their options (letters, digits, - _ = . : /)"
+        )
     if cfg.sample is not None:
         if len(cfg.sample.extra_loras) != len(cfg.sample.extra_lora_weights):
             raise ConfigError(

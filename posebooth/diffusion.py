@@ -6,19 +6,25 @@ import torch
 import torch.nn.functional as F
 
 
-def add_noise(noise_scheduler, latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0):
+def add_noise(
+    noise_scheduler, latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0, rank_world=(0, 1)
+):
     """Sample noise and timesteps, return ``(noisy_latents, noise, timesteps)`` (forward process q(x_t | x_0)).
 
     ``noise_offset`` > 0 adds a per-channel constant to the noise (offset noise, Guttenberg 2023), which
-    lets the model learn very dark or bright images.
+    lets the model learn very dark or bright images. Under ``accelerate launch`` (``rank_world`` = this
+    process's rank and the number of processes) the numbers of all processes' batches are drawn and this
+    process keeps its own, so every process's generator stays in step; one process draws what it always did.
     """
-    noise = torch.randn(latents.shape, generator=generator)  # (B, 4, h, w)
+    rank, world = rank_world
+    noise = torch.randn((world, *latents.shape), generator=generator)[rank]  # (B, 4, h, w)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=generator)
+        offset = torch.randn(world, latents.shape[0], latents.shape[1], 1, 1, generator=generator)[rank]
+        noise = noise + noise_offset * offset
     noise = noise.to(latents.device, latents.dtype)
     timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    ).to(latents.device)  # (B,)
+        0, noise_scheduler.config.num_train_timesteps, (world, latents.shape[0]), generator=generator
+    )[rank].to(latents.device)  # (B,)
     return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 

@@ -17,26 +17,30 @@ def chunks(items: list, size: int) -> Iterator[list]:
 @torch.no_grad()
 def generate(
     pipe,
-    prompt: str,
+    prompt: str | list[str],
     seeds: list[int],
     *,
     steps: int,
     guidance_scale: float,
     resolution: int,
     negative_prompt: str = "",
-    control_image: Image.Image | None = None,
+    control_image: Image.Image | list[Image.Image] | None = None,
     conditioning_scale: float = 1.0,
     control_guidance: tuple[float, float] = (0.0, 1.0),
 ) -> list[Image.Image]:
-    """One image per seed for ``prompt`` in a single batch; image i depends only on ``seeds[i]``.
+    """One image per seed in a single batch: for ``prompt``, or for ``prompt[i]`` when it is a list (and for
+    ``control_image[i]`` when that is a list); image i depends only on its prompt, pose and ``seeds[i]``.
 
-    Each image gets its own ``torch.Generator``, so the result does not depend on how seeds are batched.
+    Each image gets its own ``torch.Generator``, so the noise does not depend on how images are batched.
     ``control_guidance`` is the (start, end) fraction of the denoising steps during which the ControlNet
     steers.
     """
     generators = [torch.Generator().manual_seed(s) for s in seeds]
+    prompts = prompt if isinstance(prompt, list) else [prompt] * len(seeds)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts for {len(seeds)} seeds")
     kwargs = dict(
-        prompt=[prompt] * len(seeds),
+        prompt=prompts,
         negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,

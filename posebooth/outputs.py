@@ -50,6 +50,8 @@ def claim(stage: str, *outs: str | Path, root: str | Path = ".") -> None:
                 "outputs must stay inside it, where DVC tracks them (inputs such as photos and model folders "
                 "may live anywhere)"
             )
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return  # under `accelerate launch`, the first process of each machine holds the lock for all
     lock = lock_path(stage, root)
     if lock in _LOCKS:
         return

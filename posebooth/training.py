@@ -18,6 +18,49 @@ def sample_indices(n: int, batch_size: int, generator: torch.Generator) -> torch
     return torch.randint(0, n, (batch_size,), generator=generator)
 
 
+def is_main_process() -> bool:
+    """Whether this is the process that writes (rank 0 under ``accelerate launch``; the only one otherwise)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Shard:
+    """This process's part of each global batch when a stage runs under ``accelerate launch``.
+
+    Every process draws the random numbers of the whole global batch (``world`` x the per-process batch)
+    from the same seeded generator and keeps its own slice: the generators of all processes stay in step,
+    so the main process's checkpoint restores every one of them, and a single process draws exactly what
+    the loop always drew.
+    """
+
+    def __init__(self, accelerator=None):
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world = accelerator.num_processes if accelerator else 1
+
+    @property
+    def rank_world(self) -> tuple[int, int]:
+        return self.rank, self.world
+
+    def take(self, drawn: torch.Tensor, b: int) -> torch.Tensor:
+        """This process's ``b`` of the ``world * b`` values ``drawn``."""
+        return drawn[self.rank * b : (self.rank + 1) * b]
+
+    def indices(self, n: int, b: int, generator: torch.Generator) -> torch.Tensor:
+        return self.take(sample_indices(n, b * self.world, generator), b)
+
+    def rand(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        return self.take(torch.rand(b * self.world, generator=generator), b)
+
+
+class NullLog:
+    """What processes other than the main one log under ``accelerate launch``: nothing."""
+
+    history: list = []
+    images_dir = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def autocast(device: str, precision: str):
     """Mixed precision for the forward pass: frozen weights run in ``precision``, trained ones stay fp32."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)

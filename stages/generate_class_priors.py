@@ -73,8 +73,9 @@ def main() -> None:
             groups = [[s for s in seeds if pose_of[s][0] == name] for name, _ in poses] if poses else [seeds]
             batches = [b for group in groups for b in chunks(group, g.batch_size)]
             todo = [b for b in batches if any(images[s] is None for s in b)]
-            log.info("%d of %d class image(s) found in the cache %s", len(seeds) - sum(map(len, todo)), len(seeds),
-                     cache)  # fmt: skip
+            found = sum(image is not None for image in images.values())
+            log.info("%d of %d class image(s) found in the cache %s; %d batch(es) of %d to make", found, len(seeds),
+                     cache, len(todo), g.batch_size)  # fmt: skip
             outputs.require_free_space(
                 {cache: sum(map(len, todo)) * 3 * c.resolution**2, args.out: len(seeds) * 3 * c.resolution**2},
                 "generate_class_priors",

@@ -11,6 +11,7 @@ Writes: samples/ (images/*.png, poses/*.png and the target keypoints poses/*.jso
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from posebooth import checkpoints, config, outputs, priors, subject
 from posebooth.detectors import make_detector
-from posebooth.generation import generate
+from posebooth.generation import chunks, generate
 from posebooth.grid import contact_sheet
 from posebooth.models import load_components, weights_fingerprint
 from posebooth.poses import IMAGE_SUFFIXES, load_target_poses, parse_pose_entry, render_pose
@@ -64,7 +65,7 @@ def main() -> None:
     cache = priors.cache_dir(key, "samples")
     image_bytes = len(jobs) * len(s.seeds) * 3 * c.resolution**2
     outputs.require_free_space({cache: image_bytes, args.out: image_bytes}, "sample")
-    index, rows, reused = [], [], 0
+    index, rows = [], []
     with outputs.atomic_dir(args.out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "poses").mkdir()
@@ -73,24 +74,33 @@ def main() -> None:
         for name, image in pose_maps.items():
             image.save(tmp / "poses" / f"{name}.png")
             outputs.write_json(tmp / "poses" / f"{name}.json", poses[name].to_json())  # what evaluate compares with
-        for j, (template, pose_name, kind) in enumerate(tqdm(jobs, desc="sample", unit="row")):
-            prompt = config.fill(template, c)
-            common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution,
-                          negative_prompt=s.negative_prompt)  # fmt: skip
-            names = [f"{j:03d}_s{seed}" for seed in s.seeds]
-            images = [priors.load_cached(cache, n, c.resolution) for n in names]
-            if any(image is None for image in images):  # the whole row again, batched as in an uninterrupted run
-                if pose_name is None:
-                    images = generate(free, prompt, s.seeds, **common)
-                else:
-                    images = generate(posed, prompt, s.seeds, control_image=pose_maps[pose_name],
-                                      conditioning_scale=s.conditioning_scale,
-                                      control_guidance=(s.control_guidance_start, s.control_guidance_end), **common)  # fmt: skip
-                for n, image in zip(names, images, strict=True):
-                    priors.store(cache, n, image)
-                outputs.failpoint("sample:row")
+        # Batches of sample.batch_size images across prompts and seeds (pose-free and posed images apart: they
+        # go through different pipelines). Each batch is cached as soon as it is made, and made again whole
+        # unless all of it is cached, so a resumed run batches exactly like an uninterrupted one.
+        common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution,
+                      negative_prompt=s.negative_prompt)  # fmt: skip
+        items = [(j, seed) for j in range(len(jobs)) for seed in s.seeds]
+        made = {it: priors.load_cached(cache, f"{it[0]:03d}_s{it[1]}", c.resolution) for it in items}
+        groups = [list(g) for _, g in itertools.groupby(items, key=lambda it: jobs[it[0]][1] is None)]
+        batches = [b for group in groups for b in chunks(group, s.batch_size)]
+        todo = [b for b in batches if any(made[it] is None for it in b)]
+        reused = len(batches) - len(todo)
+        for batch in tqdm(todo, desc="sample", unit="batch"):
+            prompts = [config.fill(jobs[j][0], c) for j, _ in batch]
+            seeds = [seed for _, seed in batch]
+            if jobs[batch[0][0]][1] is None:
+                images = generate(free, prompts, seeds, **common)
             else:
-                reused += 1
+                images = generate(posed, prompts, seeds, control_image=[pose_maps[jobs[j][1]] for j, _ in batch],
+                                  conditioning_scale=s.conditioning_scale,
+                                  control_guidance=(s.control_guidance_start, s.control_guidance_end), **common)  # fmt: skip
+            for it, image in zip(batch, images, strict=True):
+                priors.store(cache, f"{it[0]:03d}_s{it[1]}", image)
+                made[it] = image
+            outputs.failpoint("sample:batch")
+        for j, (template, pose_name, kind) in enumerate(jobs):
+            prompt = config.fill(template, c)
+            images = [made[(j, seed)] for seed in s.seeds]
             for seed, image in zip(s.seeds, images, strict=True):
                 file = f"images/{j:03d}_{pose_name or ('class' if kind == 'class' else 'free')}_s{seed}.png"
                 image.save(tmp / file)
@@ -110,8 +120,8 @@ def main() -> None:
     sheet = contact_sheet(rows, ["target pose"] + [f"seed {x}" for x in s.seeds])
     outputs.save_image(args.grid, sheet)
     shutil.rmtree(cache, ignore_errors=True)
-    log.info("wrote %d image(s) to %s and the contact sheet to %s; %d of %d row(s) were made before an interruption",
-             len(index), args.out, args.grid, reused, len(jobs))  # fmt: skip
+    log.info("wrote %d image(s) to %s and the contact sheet to %s; %d of %d batch(es) were made before an "
+             "interruption", len(index), args.out, args.grid, reused, len(batches))  # fmt: skip
 
 
 if __name__ == "__main__":

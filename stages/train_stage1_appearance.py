@@ -35,7 +35,7 @@ from posebooth.models import (
     weights_fingerprint,
 )
 from posebooth.prompts import choose_variants, instance_prompts, prompt_variants
-from posebooth.training import StepLog, sample_indices
+from posebooth.training import StepLog
 
 log = logging.getLogger("train_stage1_appearance")
 
@@ -106,8 +106,11 @@ def main() -> None:
     )
     ckpts = {phase: ckpt_root / phase for phase in phases}
     latest = next((ckpts[p] for p in reversed(phases) if (ckpts[p] / "state.json").exists()), None)
-    steplog = StepLog(args.metrics, args.plots, checkpoints.history(latest) if latest else [],
-                      images=latest / "images" if latest else None)  # fmt: skip
+    steplog = (  # under `accelerate launch` only the main process logs and writes
+        StepLog(args.metrics, args.plots, checkpoints.history(latest) if latest else [],
+                images=latest / "images" if latest else None)
+        if training.is_main_process() else training.NullLog()
+    )  # fmt: skip
     validation_prompts = [config.fill(p, c) for p in t.validation_prompts]
     start, done, trainable_count = time.perf_counter(), 0, 0
     try:
@@ -123,6 +126,10 @@ def main() -> None:
             accelerator, models, optimizer, lr_scheduler = training.prepare(
                 models, tr.groups, t, c.device, c.precision, steps
             )
+            shard = training.Shard(accelerator)  # this process's slice of each global batch
+            if shard.world > 1:
+                log.info("%s on %d processes (accelerate launch): %d instance image(s) per process and micro-step",
+                         phase, shard.world, b)  # fmt: skip
             tokens = comp.tokenizer(variants + [class_prompt], padding="max_length", truncation=True,
                                     max_length=comp.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
             variant_ids, class_ids = tokens[:-1].to(c.device), tokens[-1:].to(c.device)  # (V, 77), (1, 77)
@@ -137,27 +144,28 @@ def main() -> None:
             for model in models:
                 model.train()
 
-            def save_checkpoint(step, phase=phase, tr=tr, optimizer=optimizer, lr_scheduler=lr_scheduler):
-                checkpoints.save(ckpts[phase], step, tr.named, optimizer, lr_scheduler, generator, steplog.history,
-                                 steplog.images_dir)  # fmt: skip
+            def save_checkpoint(step, phase=phase, tr=tr, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                accelerator=accelerator):  # fmt: skip
+                if accelerator.is_main_process:
+                    checkpoints.save(ckpts[phase], step, tr.named, optimizer, lr_scheduler, generator,
+                                     steplog.history, steplog.images_dir)  # fmt: skip
+                accelerator.wait_for_everyone()
 
             for step in tqdm(range(first, steps), desc=f"stage 1 {phase}", unit="step", initial=first, total=steps):
                 totals = torch.zeros(3)
                 for _micro in range(t.gradient_accumulation_steps):
                     with accelerator.accumulate(*models):
-                        idx = sample_indices(n_images, b, generator)
-                        view = (
-                            sample_indices(n_views, b, generator) if n_views > 1 else torch.zeros(b, dtype=torch.long)
-                        )
+                        idx = shard.indices(n_images, b, generator)
+                        view = shard.indices(n_views, b, generator) if n_views > 1 else torch.zeros(b, dtype=torch.long)
                         latents, loss_map = view_latents[idx, view], loss_maps[idx, view]  # (B, 4, h, w), (B, 1, h, w)
                         if flipped_latents is not None:
-                            flip = (torch.rand(b, generator=generator) < t.flip_prob).view(-1, 1, 1, 1)
+                            flip = (shard.rand(b, generator) < t.flip_prob).view(-1, 1, 1, 1)
                             latents = torch.where(flip, flipped_latents[idx, view], latents)
                             loss_map = torch.where(flip, loss_map.flip(-1), loss_map)
-                        chosen = choose_variants(b, len(templates), len(t.descriptive_words), t.descriptive_prob,
-                                                 generator)  # fmt: skip
+                        chosen = shard.take(choose_variants(b * shard.world, len(templates), len(t.descriptive_words),
+                                                            t.descriptive_prob, generator), b)  # fmt: skip
                         if with_prior:  # instance half first, then the class half: (2B, ...)
-                            cidx = sample_indices(len(class_latents), b, generator)
+                            cidx = shard.indices(len(class_latents), b, generator)
                             latents = torch.cat([latents, class_latents[cidx]])
                             loss_map = torch.cat([loss_map, torch.ones_like(loss_map)])
                         if tr.text_encoder_trains:  # prompts through the text encoder being trained
@@ -169,7 +177,9 @@ def main() -> None:
                             encoder_hidden_states = variant_emb[chosen]  # (B, 77, D)
                             if with_prior:
                                 encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
-                        noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator, t.noise_offset)
+                        noisy_latents, noise, timesteps = add_noise(
+                            scheduler, latents, generator, t.noise_offset, shard.rank_world
+                        )
                         with accelerator.autocast():
                             model_pred = models[0](noisy_latents, timesteps, encoder_hidden_states).sample
                         step_losses, grad_norm = training.loss_and_step(
@@ -179,7 +189,8 @@ def main() -> None:
                         if accelerator.sync_gradients:
                             tr.after_step()  # textual inversion: every other embedding row back
                         totals += step_losses
-                if t.validation_every and (done + step + 1) % t.validation_every == 0:  # fixed seeds
+                totals = accelerator.reduce(totals, "mean")  # over processes
+                if accelerator.is_main_process and t.validation_every and (done + step + 1) % t.validation_every == 0:
                     for model in models:
                         model.eval()
                     for i, prompt in enumerate(validation_prompts):
@@ -197,18 +208,20 @@ def main() -> None:
         steplog.summary(steps=done, method=t.method, trainable_params=trainable_count,
                         identifier_tokens=len(identifier["tokens"]),
                         face_boxes=sum(b is not None for b in faces) if t.face_loss_weight > 0 else 0)  # fmt: skip
-        with outputs.atomic_dir(args.out) as tmp:
-            files = methods.save(t.method, comp, tmp, t, c.identifier)
-            if t.export_kohya and (tmp / LORA_FILE).exists():
-                export_kohya(tmp / LORA_FILE, tmp / KOHYA_FILE, t.alpha)
-            outputs.write_json(tmp / "provenance.json", provenance.provenance(
-                cfg.as_dict(), base_model=c.model, method=t.method, trigger=templates[0], identifier_check=identifier,
-                files=[f.name for f in files],
-            ))  # fmt: skip
-            (tmp / "README.md").write_text(provenance.stage1_card(c.model, templates[0], t.method))
-            drop_local_paths(tmp)
-        steplog.close()
-        checkpoints.remove(ckpt_root)
+        if accelerator.is_main_process:
+            with outputs.atomic_dir(args.out) as tmp:
+                files = methods.save(t.method, comp, tmp, t, c.identifier)
+                if t.export_kohya and (tmp / LORA_FILE).exists():
+                    export_kohya(tmp / LORA_FILE, tmp / KOHYA_FILE, t.alpha)
+                outputs.write_json(tmp / "provenance.json", provenance.provenance(
+                    cfg.as_dict(), base_model=c.model, method=t.method, trigger=templates[0], identifier_check=identifier,
+                    files=[f.name for f in files],
+                ))  # fmt: skip
+                (tmp / "README.md").write_text(provenance.stage1_card(c.model, templates[0], t.method))
+                drop_local_paths(tmp)
+            steplog.close()
+            checkpoints.remove(ckpt_root)
+        accelerator.wait_for_everyone()
     except BaseException:
         steplog.abort()
         raise

@@ -34,7 +34,7 @@ from posebooth.models import (
     sd_pipeline,
     weights_fingerprint,
 )  # fmt: skip
-from posebooth.training import StepLog, sample_indices
+from posebooth.training import StepLog
 
 log = logging.getLogger("train_stage2_pose")
 
@@ -125,27 +125,38 @@ def main() -> None:
     if (ckpt / "state.json").exists():
         first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator)
         log.info("resuming from the checkpoint after step %d in %s", first, ckpt)
-    steplog = StepLog(args.metrics, args.plots, history)
+    steplog = StepLog(args.metrics, args.plots, history) if accelerator.is_main_process else training.NullLog()
+    shard = training.Shard(accelerator)  # this process's slice of each global batch
+    if shard.world > 1:
+        log.info("%d processes (accelerate launch): %d pair(s) per process and micro-step", shard.world, b)
+
+    def save_checkpoint(done: int) -> None:
+        if accelerator.is_main_process:
+            checkpoints.save(ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history)
+        accelerator.wait_for_everyone()
+
     start = time.perf_counter()
     try:
         for step in tqdm(range(first, t.steps), desc="stage 2", unit="step", initial=first, total=t.steps):
             totals = torch.zeros(3)
             for _micro in range(t.gradient_accumulation_steps):
                 with accelerator.accumulate(*models):
-                    idx = sample_indices(len(latents_all), b, generator)
+                    idx = shard.indices(len(latents_all), b, generator)
                     latents, controlnet_cond = latents_all[idx], conds[idx]  # (B, 4, h, w), (B, 3, R, R)
                     encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
                     if with_prior:  # instance half first, then (class image, its pose, class prompt): (2B, ...)
-                        cidx = sample_indices(len(class_latents), b, generator)
+                        cidx = shard.indices(len(class_latents), b, generator)
                         latents = torch.cat([latents, class_latents[cidx]])
                         controlnet_cond = torch.cat([controlnet_cond, class_conds[cidx]])
                         encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
                     # Empty-prompt dropout (diffusers' train_controlnet): the pose alone must carry the layout.
-                    drop = torch.rand(len(latents), generator=generator) < t.empty_prompt_prob
+                    drop = shard.rand(len(latents), generator) < t.empty_prompt_prob
                     encoder_hidden_states = torch.where(
                         drop.view(-1, 1, 1).to(c.device), empty_emb, encoder_hidden_states
                     )
-                    noisy_latents, noise, timesteps = add_noise(scheduler, latents, generator, t.noise_offset)
+                    noisy_latents, noise, timesteps = add_noise(
+                        scheduler, latents, generator, t.noise_offset, shard.rank_world
+                    )
                     with accelerator.autocast():
                         down_res, mid_res = controlnet(
                             noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
@@ -160,29 +171,31 @@ def main() -> None:
                         params, optimizer, lr_scheduler,
                     )  # fmt: skip
                     totals += step_losses
-            training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, lambda done: checkpoints.save(
-                ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history))  # fmt: skip
+            totals = accelerator.reduce(totals, "mean")  # over processes
+            training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, save_checkpoint)
         steplog.summary(steps=t.steps, pairs=len(names), class_pairs=len(class_names) if with_prior else 0)
-        with outputs.atomic_dir(args.out) as tmp:
-            trained = accelerator.unwrap_model(controlnet)
-            if t.mode == "full":
-                trained.save_pretrained(tmp / "controlnet", safe_serialization=True)
-            else:
-                save_controlnet_lora(trained, tmp / "controlnet_lora")
-                if base is not None:  # made here from the UNet, so not loadable by name: saved beside
-                    base.save_pretrained(tmp / "controlnet_base", safe_serialization=True)
+        if accelerator.is_main_process:
+            with outputs.atomic_dir(args.out) as tmp:
+                trained = accelerator.unwrap_model(controlnet)
+                if t.mode == "full":
+                    trained.save_pretrained(tmp / "controlnet", safe_serialization=True)
                 else:
-                    outputs.write_json(tmp / "controlnet_base.json", {"controlnet": t.controlnet})
-            if t.train_unet_lora:
-                save_unet_lora(comp.unet, tmp / "unet_lora", adapter="subject")
-            outputs.write_json(tmp / "provenance.json", provenance.provenance(
-                cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
-                stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],
-            ))  # fmt: skip
-            (tmp / "README.md").write_text(provenance.stage2_card(c.model, prompts[0]))
-            drop_local_paths(tmp)
-        steplog.close()
-        checkpoints.remove(ckpt)
+                    save_controlnet_lora(trained, tmp / "controlnet_lora")
+                    if base is not None:  # made here from the UNet, so not loadable by name: saved beside
+                        base.save_pretrained(tmp / "controlnet_base", safe_serialization=True)
+                    else:
+                        outputs.write_json(tmp / "controlnet_base.json", {"controlnet": t.controlnet})
+                if t.train_unet_lora:
+                    save_unet_lora(comp.unet, tmp / "unet_lora", adapter="subject")
+                outputs.write_json(tmp / "provenance.json", provenance.provenance(
+                    cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
+                    stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],
+                ))  # fmt: skip
+                (tmp / "README.md").write_text(provenance.stage2_card(c.model, prompts[0]))
+                drop_local_paths(tmp)
+            steplog.close()
+            checkpoints.remove(ckpt)
+        accelerator.wait_for_everyone()
     except BaseException:
         steplog.abort()
         raise

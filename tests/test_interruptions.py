@@ -44,8 +44,8 @@ KILLS = [  # (stage, failpoint, exit code, log line the re-run must print)
     ("train_stage1_appearance", "before-rename:stage1", -signal.SIGKILL, "checkpoint after step 3"),
     ("train_stage2_pose", "checkpoint-saved=TERM", 128 + signal.SIGTERM, "resuming from the checkpoint after step 2"),
     ("train_stage2_pose", "before-rename:stage2", -signal.SIGKILL, None),
-    ("sample", "sample:row@3", -signal.SIGKILL, "3 of 7 row(s) were made before an interruption"),
-    ("sample", "before-rename:samples", -signal.SIGKILL, "7 of 7 row(s)"),
+    ("sample", "sample:batch@3", -signal.SIGKILL, "3 of 4 batch(es) were made before an interruption"),
+    ("sample", "before-rename:samples", -signal.SIGKILL, "4 of 4 batch(es)"),
     ("evaluate", "evaluate:metrics-written", -signal.SIGKILL, None),
 ]
 

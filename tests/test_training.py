@@ -145,3 +145,22 @@ def test_stage2_step_trains_only_the_controlnet(tiny_sd, tmp_path):
     assert any("lora" in k for k in frozen)
     changed = acc.unwrap_model(controlnet).state_dict()
     assert any(not torch.equal(before[k], changed[k]) for k in before)
+
+
+def test_attention_is_pytorch_sdpa(tiny_sd):
+    """Every attention layer of the UNet, the ControlNet and the Custom Diffusion processors goes through
+    torch's scaled_dot_product_attention (flash / memory-efficient kernels where the device has them)."""
+    import copy
+
+    from posebooth import methods
+    from posebooth.models import load_components, load_controlnet
+
+    comp = load_components(tiny_sd, "cpu", "fp32")
+    assert {type(p).__name__ for p in comp.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    controlnet = load_controlnet("from_unet", comp.unet, "cpu")
+    assert {type(p).__name__ for p in controlnet.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert comp.text_encoder.config._attn_implementation == "sdpa"
+    t = SimpleNamespace(lr=1e-4, train_token_embedding=False)
+    cd = copy.deepcopy(comp)
+    methods.setup("custom_diffusion", cd, t, "sks", "robot")
+    assert {type(p).__name__ for p in cd.unet.attn_processors.values()} == {"CustomDiffusionAttnProcessor2_0"}
