@@ -63,7 +63,9 @@ def test_stage_contract(stage):
     spec = STAGES[stage]
     script = ROOT / "stages" / f"{stage}.py"
     assert script.exists()
-    assert spec["cmd"] == f"python -m stages.{stage}"
+    # Training stages run under common.train_launcher (python, or accelerate launch for several processes).
+    launcher = "${common.train_launcher}" if stage.startswith("train_") else "python"
+    assert spec["cmd"] == f"{launcher} -m stages.{stage}"
     deps = set(spec["deps"])
     assert f"stages/{stage}.py" in deps
     missing = _closure(script) - deps
