@@ -88,8 +88,8 @@ def make_optimizer(params, lr: float, weight_decay: float, kind: str = "adamw", 
     params = list(params)
     if not params or any(isinstance(g, dict) and not list(g["params"]) for g in params):
         raise ValueError("nothing to train: no parameter (or an empty parameter group) requires a gradient")
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":  # foreach: one kernel per op over all tensors, not a Python loop per tensor (CPU too)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     if kind == "adamw_8bit":
         try:
             import bitsandbytes as bnb

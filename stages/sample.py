@@ -58,7 +58,7 @@ def main() -> None:
     jobs += [(p, name, "subject") for p in (s.pose_prompts or s.prompts) for name in poses]
     if s.prior_images:  # the class prompt through the trained model: PRES (language drift) in evaluate
         jobs.append((c.class_prompt, None, "class"))
-    # Resumable: each finished row is kept in a cache keyed by everything that makes the images (params, the
+    # Resumable: each finished batch is kept in a cache keyed by everything that makes the images (params, the
     # trained models, the target poses), so a re-run after an interruption makes only the rest.
     inputs = [args.stage1, args.stage2, args.target_poses] + ([args.loras] if extras else [])
     key = checkpoints.fingerprint(cfg.as_dict() | {"model": weights_fingerprint(c.model)}, inputs)

@@ -192,7 +192,7 @@ def test_every_stage_stopped_then_rerun_ends_as_an_uninterrupted_run(reference, 
         assert stage in {k[0] for k in KILLS}, f"no interruption tested for {stage}"
     cache = Path(env["POSEBOOTH_CACHE"])
     assert not list((cache / "checkpoints").rglob("state.json")), "finished trainings leave no checkpoint"
-    assert not any((cache / "samples").glob("*/*.png")), "a finished sample stage removes its row cache"
+    assert not any((cache / "samples").glob("*/*.png")), "a finished sample stage removes its batch cache"
 
     # The GPU determinism switch changes nothing on CPU (already deterministic) and runs every op there.
     params = yaml.safe_load((ws / "params.yaml").read_text())
