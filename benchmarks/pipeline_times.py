@@ -98,7 +98,7 @@ def main() -> None:
     knob, knob_stages, _ = timed_repro(ws, env)
 
     cache = (
-        "fresh POSEBOOTH_CACHE (embedded model built in `prepare`/first use)" if not args.keep_cache else "warm cache"
+        "fresh POSEBOOTH_CACHE (the embedded model is built on first use)" if not args.keep_cache else "warm cache"
     )
     print(f"\nembedded pipeline, default params.yaml, {cache}, {os.cpu_count()} CPU cores\n")
     print("| stage | seconds |")
