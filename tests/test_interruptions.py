@@ -253,32 +253,3 @@ def _holder(lock: Path) -> int | None:
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
     return pid
-
-
-def test_generation_stages_load_their_models_once(reference, monkeypatch, tmp_path):
-    """Class priors and sampling load the base model once per stage, however many batches they make; run
-    in-process, they give the same files as R's stage processes."""
-    import sys
-
-    from stages import generate_class_priors, sample
-
-    ws, env, expected = reference
-    monkeypatch.chdir(ws)
-    monkeypatch.setenv("POSEBOOTH_CACHE", str(tmp_path / "cache"))  # nothing cached: every batch is made
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "embedded").symlink_to(Path(env["POSEBOOTH_CACHE"]) / "embedded")
-    for stage, args, out in (
-        (generate_class_priors, ["--out", "data/priors_again"], "data/priors_again"),
-        (sample, ["--out", "samples_again", "--grid", "plots/grid_again.png"], "samples_again"),
-    ):
-        loads = []
-        real = stage.load_components
-        monkeypatch.setattr(
-            stage, "load_components", lambda *a, real=real, loads=loads, **k: loads.append(a) or real(*a, **k)
-        )
-        monkeypatch.setattr(sys, "argv", [stage.__name__, *args])
-        stage.main()
-        assert len(loads) == 1, f"{stage.__name__} loaded the model {len(loads)} times"
-        original = "data/class_priors" if stage is generate_class_priors else "samples"
-        again = {k.replace(out, original, 1): v for k, v in digests(ws, [out]).items()}
-        assert again and all(expected[k] == v for k, v in again.items())
