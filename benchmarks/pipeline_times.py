@@ -25,16 +25,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def copy_repository(dest: Path) -> None:
-    """The working tree as git sees it (tracked and untracked, not ignored files), as a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")  # fmt: skip
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+sys.path.insert(0, str(ROOT))
+from tests.workspace import copy_repository  # noqa: E402  (the tests' copy of the working tree)
 
 
 def timed_repro(cwd: Path, env: dict) -> tuple[float, dict[str, float], str]:
@@ -97,9 +89,7 @@ def main() -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     knob, knob_stages, _ = timed_repro(ws, env)
 
-    cache = (
-        "fresh POSEBOOTH_CACHE (the embedded model is built on first use)" if not args.keep_cache else "warm cache"
-    )
+    cache = "fresh POSEBOOTH_CACHE (the embedded model is built on first use)" if not args.keep_cache else "warm cache"
     print(f"\nembedded pipeline, default params.yaml, {cache}, {os.cpu_count()} CPU cores\n")
     print("| stage | seconds |")
     print("|---|---:|")

@@ -48,6 +48,21 @@ def tiny_sd(offline_env) -> str:
 
 
 @pytest.fixture(autouse=True)
+def seeded_global_generators():
+    """Every test starts from the same global random state, whatever ran before it: libraries draw from
+    the global generators (peft initialises LoRA weights with ``torch.randn``), so an unseeded test's
+    result would depend on the test order."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps one global state per process; each test may want other precision settings."""
     yield

@@ -55,7 +55,7 @@ def test_both_training_stages_on_two_processes_through_dvc(tmp_path, tiny_sd):
     """`common.train_launcher: accelerate launch --multi_gpu --num_processes 2` (two CPU processes with
     gloo here; GPUs, nodes, DeepSpeed or FSDP on a real machine come from `accelerate config`)."""
     from posebooth import embedded
-    from tests.test_interruptions import git_init, workspace
+    from tests.workspace import git_init, workspace
 
     ws, env = workspace(tmp_path, "M", str(embedded.cache_root()))
     params = yaml.safe_load((ws / "params.yaml").read_text())

@@ -14,10 +14,8 @@ session's embedded model, so no copy resumes from another's work.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,9 +26,7 @@ import pytest
 import yaml
 
 from posebooth import outputs
-from tests.conftest import ROOT
-from tests.profile import apply_profile
-from tests.test_pipeline_e2e import STAGES, copy_repository
+from tests.workspace import OUTPUTS, STAGES, digests, git_init, leftovers, run_stage, under, workspace
 
 pytestmark = pytest.mark.slow
 
@@ -48,91 +44,6 @@ KILLS = [  # (stage, failpoint, exit code, log line the re-run must print)
     ("sample", "before-rename:samples", -signal.SIGKILL, "4 of 4 batch(es)"),
     ("evaluate", "evaluate:metrics-written", -signal.SIGKILL, None),
 ]
-
-
-def stage_outputs() -> dict[str, list[str]]:
-    """Each stage's declared outs, metrics and plots in dvc.yaml."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    found = {}
-    for name, stage in stages.items():
-        paths = []
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                paths.append(entry if isinstance(entry, str) else next(iter(entry)))
-        found[name] = paths
-    return found
-
-
-OUTPUTS = stage_outputs()
-
-
-def workspace(root: Path, name: str, embedded_dir: str) -> tuple[Path, dict]:
-    """A copy of the repository with the test profile and no outputs, and the environment to run it in."""
-    dest = root / name
-    dest.mkdir()
-    copy_repository(dest)
-    params = apply_profile(yaml.safe_load((dest / "params.yaml").read_text()))
-    params["generate_class_priors"]["batch_size"] = 2  # two batches, so one can be interrupted
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for paths in OUTPUTS.values():
-        for p in paths:
-            target = dest / p
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    cache = root / f"cache-{name}"
-    cache.mkdir()
-    (cache / "embedded").symlink_to(embedded_dir)
-    env = dict(
-        os.environ, POSEBOOTH_CACHE=str(cache), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    )
-    env.pop("POSEBOOTH_FAILPOINT", None)
-    return dest, env
-
-
-def git_init(ws: Path, env: dict) -> None:
-    """Make ``ws`` a git repository with one commit (DVC needs one)."""
-    who = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t.invalid"}  # fmt: skip
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", ws.name]):
-        subprocess.run(cmd, cwd=ws, env=env | who, check=True, capture_output=True)
-
-
-def under(key: str, paths: list[str]) -> bool:
-    return any(key == p or key.startswith(p + "/") for p in paths)
-
-
-def run_stage(ws: Path, env: dict, stage: str, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(env, **({"POSEBOOTH_FAILPOINT": failpoint} if failpoint else {}))
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=ws, env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
-
-
-def digests(ws: Path, paths: list[str]) -> dict[str, str]:
-    """sha256 of every file under ``paths``; provenance records compared without their git revision."""
-    found = {}
-    for p in paths:
-        target = ws / p
-        files = [target] if target.is_file() else sorted(f for f in target.rglob("*") if f.is_file())
-        for f in files:
-            data = f.read_bytes()
-            if f.name == "provenance.json":
-                record = json.loads(data)
-                record.pop("git", None)
-                data = json.dumps(record, sort_keys=True).encode()
-            found[str(f.relative_to(ws))] = hashlib.sha256(data).hexdigest()
-    return found
-
-
-def leftovers(ws: Path) -> list[str]:
-    """Temporary files or folders of interrupted writes."""
-    return sorted(
-        str(p.relative_to(ws))
-        for pattern in ("**/.*.tmp-*", "**/.*.live-*", "**/*.tmp.png")
-        for p in ws.glob(pattern)
-        if ".git" not in p.parts and ".dvc" not in p.parts
-    )
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +164,39 @@ def _holder(lock: Path) -> int | None:
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
     return pid
+
+
+LOAD_COUNTER = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from stages import generate_class_priors, sample
+counts = {}
+for stage, args in ((generate_class_priors, ["--out", "data/priors_again"]),
+                    (sample, ["--out", "samples_again", "--grid", "plots/grid_again.png"])):
+    real = stage.load_components
+    def counted(*a, real=real, name=stage.__name__, **k):
+        counts[name] = counts.get(name, 0) + 1
+        return real(*a, **k)
+    stage.load_components = counted
+    sys.argv = [stage.__name__, *args]
+    stage.main()
+print("LOADS=" + json.dumps(counts))
+"""
+
+
+def test_generation_stages_load_their_models_once(reference, tmp_path):
+    """Class priors and sampling load the base model once per stage, however many batches they make (4 and 4
+    here, nothing cached), and give R's files."""
+    ws, env, expected = reference
+    cache = tmp_path / "cache"  # nothing cached but the embedded model: every batch is made
+    cache.mkdir()
+    (cache / "embedded").symlink_to(Path(env["POSEBOOTH_CACHE"]) / "embedded")
+    proc = subprocess.run([sys.executable, "-c", LOAD_COUNTER], cwd=ws, env=dict(env, POSEBOOTH_CACHE=str(cache)),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loads = json.loads(proc.stdout.split("LOADS=")[-1])
+    assert loads == {"stages.generate_class_priors": 1, "stages.sample": 1}
+    assert "0 of 4 class image(s) found in the cache" in proc.stderr
+    for out, original in (("data/priors_again", "data/class_priors"), ("samples_again", "samples")):
+        again = {k.replace(out, original, 1): v for k, v in digests(ws, [out]).items()}
+        assert len(again) > 3 and all(expected[k] == v for k, v in again.items()), out

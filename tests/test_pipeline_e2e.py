@@ -21,12 +21,9 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.profile import apply_profile
+from tests.workspace import STAGES, copy_repository
 
 pytestmark = pytest.mark.slow
-STAGES = [
-    "prepare_images", "generate_class_priors", "extract_poses", "train_stage1_appearance",
-    "train_stage2_pose", "sample", "evaluate",
-]  # fmt: skip
 
 
 def _env() -> dict:
@@ -50,19 +47,6 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
-
-
-def copy_repository(dest: Path) -> None:
-    """The working tree as git sees it (tracked and untracked, not ignored files), as a fresh git repo."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")  # fmt: skip
-    for name in filter(None, files):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
 
 
 @pytest.fixture(scope="module")

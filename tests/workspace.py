@@ -1,0 +1,124 @@
+"""Workspaces for the tests that run the pipeline: copies of the repository, stages run in them, digests.
+
+Shared by the end-to-end, interruption and distributed tests, and ``copy_repository`` by
+``benchmarks/pipeline_times.py``. Importing this module changes no environment (unlike ``tests.conftest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STAGES = [
+    "prepare_images", "generate_class_priors", "extract_poses", "train_stage1_appearance",
+    "train_stage2_pose", "sample", "evaluate",
+]  # fmt: skip
+
+
+def copy_repository(dest: Path, root: Path = ROOT) -> None:
+    """The working tree as git sees it (tracked and untracked, not ignored files), as a fresh git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for name in filter(None, files):
+        src = root / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def stage_outputs() -> dict[str, list[str]]:
+    """Each stage's declared outs, metrics and plots in dvc.yaml."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    found = {}
+    for name, stage in stages.items():
+        paths = []
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                paths.append(entry if isinstance(entry, str) else next(iter(entry)))
+        found[name] = paths
+    return found
+
+
+OUTPUTS = stage_outputs()
+
+
+def workspace(root: Path, name: str, embedded_dir: str) -> tuple[Path, dict]:
+    """A copy of the repository with the test profile and no outputs, and the environment to run it in."""
+    from tests.profile import apply_profile
+
+    dest = root / name
+    dest.mkdir()
+    copy_repository(dest)
+    params = apply_profile(yaml.safe_load((dest / "params.yaml").read_text()))
+    params["generate_class_priors"]["batch_size"] = 2  # two batches, so one can be interrupted
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for paths in OUTPUTS.values():
+        for p in paths:
+            target = dest / p
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    cache = root / f"cache-{name}"
+    cache.mkdir()
+    (cache / "embedded").symlink_to(embedded_dir)
+    env = dict(
+        os.environ, POSEBOOTH_CACHE=str(cache), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    env.pop("POSEBOOTH_FAILPOINT", None)
+    return dest, env
+
+
+def git_init(ws: Path, env: dict) -> None:
+    """Make ``ws`` a git repository with one commit (DVC needs one)."""
+    who = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t.invalid"}  # fmt: skip
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", ws.name]):
+        subprocess.run(cmd, cwd=ws, env=env | who, check=True, capture_output=True)
+
+
+def under(key: str, paths: list[str]) -> bool:
+    return any(key == p or key.startswith(p + "/") for p in paths)
+
+
+def run_stage(ws: Path, env: dict, stage: str, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(env, **({"POSEBOOTH_FAILPOINT": failpoint} if failpoint else {}))
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+
+
+def digests(ws: Path, paths: list[str]) -> dict[str, str]:
+    """sha256 of every file under ``paths``; provenance records compared without their git revision."""
+    found = {}
+    for p in paths:
+        target = ws / p
+        files = [target] if target.is_file() else sorted(f for f in target.rglob("*") if f.is_file())
+        for f in files:
+            data = f.read_bytes()
+            if f.name == "provenance.json":
+                record = json.loads(data)
+                record.pop("git", None)
+                data = json.dumps(record, sort_keys=True).encode()
+            found[str(f.relative_to(ws))] = hashlib.sha256(data).hexdigest()
+    return found
+
+
+def leftovers(ws: Path) -> list[str]:
+    """Temporary files or folders of interrupted writes."""
+    return sorted(
+        str(p.relative_to(ws))
+        for pattern in ("**/.*.tmp-*", "**/.*.live-*", "**/*.tmp.png")
+        for p in ws.glob(pattern)
+        if ".git" not in p.parts and ".dvc" not in p.parts
+    )
