@@ -37,7 +37,9 @@ def _generate(args: argparse.Namespace) -> None:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder}: no trained adapters; run `dvc repro` (or `make repro`) first")
     prompt = config.fill(args.prompt, c)
-    comp = load_components(subject.base_model(args.stage1, c.model), c.device, c.precision)  # full: stage 1's own
+    comp = load_components(
+        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae
+    )  # full: stage 1's own
     extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
     lora_scale = s.subject_lora_scale if args.lora_scale is None else args.lora_scale
     posed, free = subject.trained_pipelines(comp, args.stage1, args.stage2, scheduler, c.device, c.precision,

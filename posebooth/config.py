@@ -46,7 +46,8 @@ SCHEDULERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "dpm++")
 class Common:
     """Values several stages share."""
 
-    model: str  # "embedded:tiny-sd15", a hub id, or a local diffusers folder
+    model: str  # "embedded:tiny-sd15", "embedded:tiny-sdxl", a hub id, or a local diffusers folder (SD 1.5 or SDXL)
+    vae: str  # "" (the model's own), or a VAE to use instead: hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix
     resolution: int = _rng(16, 4096)
     identifier: str
     class_noun: str

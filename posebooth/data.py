@@ -31,6 +31,24 @@ def instance_images(prepared: str | Path, resolution: int) -> tuple[list[str], t
     return names, torch.stack([to_tensor(_read_rgb(prepared / "images" / f"{n}.png", resolution)) for n in names])
 
 
+def time_ids(prepared: str | Path, names: list[str], resolution: int) -> torch.Tensor:
+    """SDXL's time ids (N, 6) of the prepared images ``names``: (original height, width, crop top, left,
+    target height, width), from what prepare_images recorded of each photo."""
+    records = {r["name"]: r for r in read_json(Path(prepared) / "manifest.json")["images"]}
+    rows = []
+    for name in names:
+        record = records[name]
+        if "original_size" not in record:
+            raise ValueError(f"{prepared}/manifest.json: {name} has no original_size; re-run prepare_images")
+        rows.append([*record["original_size"], *record["crop_top_left"], resolution, resolution])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def generated_time_ids(n: int, resolution: int) -> torch.Tensor:
+    """SDXL's time ids (N, 6) of ``n`` images generated at ``resolution``: uncropped, at their own size."""
+    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * n, dtype=torch.float32)
+
+
 def class_images(class_dir: str | Path, resolution: int) -> torch.Tensor:
     """Pixels (M, 3, R, R) in [-1, 1] of the generated class images; M may be 0."""
     class_dir = Path(class_dir)

@@ -1,4 +1,4 @@
-"""The embedded tiny models: SD-1.5-architecture pipeline, its ControlNet and stand-in metric backbones.
+"""The embedded tiny models: SD 1.5- and SDXL-architecture pipelines, their ControlNets, stand-in metric backbones.
 
 Built deterministically from a fixed seed, saved as standard diffusers / transformers folders in a cache
 keyed by this file's hash, and then loaded through the same ``from_pretrained`` path as a hub id. They
@@ -26,6 +26,8 @@ SEED = 20260101
 NAMES = {
     "tiny-sd15": ("build_tiny_sd15", ""),
     "tiny-sd15-openpose": ("build_tiny_sd15", "controlnet"),
+    "tiny-sdxl": ("build_tiny_sdxl", ""),
+    "tiny-sdxl-openpose": ("build_tiny_sdxl", "controlnet"),
     "tiny-clip": ("build_tiny_clip", ""),
     "tiny-dino": ("build_tiny_dino", ""),
 }
@@ -166,6 +168,78 @@ def build_tiny_sd15(out: Path) -> None:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+
+
+def build_tiny_sdxl(out: Path) -> None:
+    """A tiny SDXL architecture: two CLIP text encoders of different widths (the second with a projection
+    giving the pooled embedding), ``text_time`` added conditioning, 8x VAE with SDXL's scaling factor, and
+    its ControlNet (made from the UNet, like the SDXL OpenPose ControlNets' layout)."""
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(SEED + 3)
+    tokenizer = _clip_tokenizer(out / "_tok")
+    files = dict(vocab=str(out / "_tok" / "vocab.json"), merges=str(out / "_tok" / "merges.txt"), model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(**files, pad_token="!")  # noqa: S106 (SDXL's second tokenizer pads with "!")
+    tower = dict(vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tower, **TINY_TOWER))  # CLIP ViT-L's place (768 wide in SDXL)
+    text_encoder_2 = CLIPTextModelWithProjection(  # OpenCLIP ViT-bigG's place (1280 wide)
+        CLIPTextConfig(**tower, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,  # SDXL's
+    )
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=16,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32 + 64,  # both encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 32,  # six time ids, then the pooled embedding
+    )
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading",
+    )  # fmt: skip
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)

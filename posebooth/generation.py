@@ -14,6 +14,15 @@ def chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def plan_batches(groups: list[list], size: int, cached: dict) -> tuple[list[list], list[list]]:
+    """``(batches, todo)``: each group (items that can share a pipeline call) cut into batches of ``size``,
+    and the batches to make. A batch is made again whole unless every item of it is in ``cached`` (item ->
+    image or ``None``), so that a resumed run batches, and therefore generates, exactly like an
+    uninterrupted one."""
+    batches = [batch for group in groups for batch in chunks(group, size)]
+    return batches, [batch for batch in batches if any(cached[item] is None for item in batch)]
+
+
 @torch.no_grad()
 def generate(
     pipe,

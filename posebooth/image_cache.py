@@ -1,11 +1,11 @@
-"""Class-prior images: a resumable cache of generated images, or the user's own class photos.
+"""A resumable cache of generated images, one PNG per seed (or name), outside the stage outputs.
 
-DVC deletes a stage's outputs before it re-runs the stage, so generated class images are also kept in a
-cache outside the outputs (``$POSEBOOTH_CACHE/class_priors/<key>/``), one PNG per seed, written
-atomically as soon as each batch is made. The key covers everything that determines an image (model,
-prompt, negative prompt, size, steps, guidance, scheduler, precision; the model by
-``models.weights_fingerprint``, so changed weights under the same name are not mistaken for the old ones); an interrupted or repeated run
-takes the valid images it finds there and generates only the rest.
+DVC deletes a stage's outputs before it re-runs the stage, so ``generate_class_priors`` and ``sample`` also
+keep what they generate in ``$POSEBOOTH_CACHE/<kind>/<key>/`` (``kind``: ``class_priors`` or ``samples``),
+written atomically as soon as each batch is made. The key covers everything that determines an image (for
+class priors: model, prompt, negative prompt, size, steps, guidance, scheduler, precision; the model by
+``models.weights_fingerprint``, so changed weights under the same name are not mistaken for the old ones); an
+interrupted or repeated run takes the valid images it finds there and generates only the rest.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from posebooth import embedded
 
 
 def cache_key(**fields) -> str:
-    """A short hash of the fields that determine a class image (besides its seed)."""
+    """A short hash of the fields that determine an image (besides its seed)."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def cache_dir(key: str, kind: str = "class_priors") -> Path:
-    """``$POSEBOOTH_CACHE/<kind>/<key>/`` (``sample`` keeps the rows it has made there until it finishes)."""
+    """``$POSEBOOTH_CACHE/<kind>/<key>/``."""
     return embedded.cache_root().parent / kind / key
 
 

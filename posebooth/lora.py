@@ -55,15 +55,20 @@ def _layers_and_metadata(model, adapter: str = "default") -> tuple[dict, dict]:
     return layers, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def save_unet_lora(unet, folder: str | Path, text_encoder=None, adapter: str = "default") -> Path:
-    """Write the UNet's LoRA (and the text encoder's, if given) as ``pytorch_lora_weights.safetensors``
-    in diffusers' key layout with the adapter configs: what ``pipe.load_lora_weights(folder)`` reads."""
-    from diffusers import StableDiffusionPipeline
+def save_unet_lora(unet, folder: str | Path, text_encoder=None, adapter: str = "default", text_encoder_2=None,
+                   xl: bool = False) -> Path:  # fmt: skip
+    """Write the UNet's LoRA (and the text encoders', if given) as ``pytorch_lora_weights.safetensors``
+    in diffusers' key layout with the adapter configs: what ``pipe.load_lora_weights(folder)`` reads
+    (``xl``: an SDXL pipeline's, whose second text encoder's LoRA is ``text_encoder_2``)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     unet_layers, unet_meta = _layers_and_metadata(unet, adapter)
-    te = dict(zip(("text_encoder_lora_layers", "text_encoder_lora_adapter_metadata"),
-                  _layers_and_metadata(text_encoder), strict=True)) if text_encoder is not None else {}  # fmt: skip
-    StableDiffusionPipeline.save_lora_weights(
+    te = {}
+    for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            te[f"{name}_lora_layers"], te[f"{name}_lora_adapter_metadata"] = _layers_and_metadata(model)
+    pipeline = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    pipeline.save_lora_weights(
         str(folder), unet_lora_layers=unet_layers, unet_lora_adapter_metadata=unet_meta, safe_serialization=True, **te
     )
     path = Path(folder) / LORA_FILE

@@ -16,6 +16,11 @@
 
 Each method is a list of phases (``momentum_ti`` has two); ``setup`` makes one phase's weights trainable
 and returns them as optimizer param groups.
+
+On SDXL (two text encoders) ``lora`` puts its text-encoder LoRA on both encoders (saved as diffusers'
+``text_encoder`` and ``text_encoder_2`` LoRAs), and ``textual_inversion`` learns the identifier's row in
+both embedding tables, saved as ``clip_l`` and ``clip_g`` (the SDXL convention; see ``subject.load_into``).
+``full``, ``custom_diffusion`` and ``momentum_ti`` are SD 1.5 only (``check_supported``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,18 @@ class Trainable:
     def learned_values(self) -> int:
         """How many numbers learn (an embedding table of which one row learns counts as that row)."""
         return sum(p.shape[-1] if id(p) in self.one_row else p.numel() for p in self.params)
+
+
+XL_METHODS = ("lora", "textual_inversion")
+
+
+def check_supported(method: str, xl: bool, model: str) -> None:
+    """Stop before training when ``method`` is not available for the base model's architecture."""
+    if xl and method not in XL_METHODS:
+        raise ValueError(
+            f"train.method: {method!r} is not available for the SDXL base {model!r}; choose one of "
+            f"{', '.join(XL_METHODS)} (a full SDXL fine-tune needs far more memory than a 16 GB GPU has)"
+        )
 
 
 def phases(method: str) -> list[str]:
@@ -125,11 +142,13 @@ def setup(phase: str, comp, t, identifier: str, class_noun: str) -> Trainable:
     """Make ``phase``'s weights of ``comp`` (UNet, text encoder, tokenizer; changed in place) trainable."""
     unet, te, tok = comp.unet, comp.text_encoder, comp.tokenizer
     unet.requires_grad_(False)
-    te.requires_grad_(False)
+    for encoder in comp.text_encoders:
+        encoder.requires_grad_(False)
     if phase == "lora":
         groups = [{"params": add_unet_lora(unet, t.rank, t.alpha, t.target_modules), "lr": t.lr}]
-        if t.train_text_encoder:
-            groups.append({"params": add_text_encoder_lora(te, t.rank, t.alpha), "lr": t.text_encoder_lr})
+        if t.train_text_encoder:  # (both encoders of SDXL)
+            lora = [p for encoder in comp.text_encoders for p in add_text_encoder_lora(encoder, t.rank, t.alpha)]
+            groups.append({"params": lora, "lr": t.text_encoder_lr})
         return _trainable(comp, groups, t.train_text_encoder)
     if phase == "full":
         unet.requires_grad_(True)
@@ -147,8 +166,8 @@ def setup(phase: str, comp, t, identifier: str, class_noun: str) -> Trainable:
         token_row = _one_row_trainable(comp, t, identifier, class_noun)
         return _trainable(comp, groups + [{"params": [token_row.param], "lr": t.lr}], True, token_row)
     if phase == "textual_inversion":
-        token_row = _one_row_trainable(comp, t, identifier, class_noun)
-        return _trainable(comp, [{"params": [token_row.param], "lr": t.lr}], True, token_row)
+        rows = [_one_row_trainable(comp, t, identifier, class_noun, i) for i in range(len(comp.text_encoders))]
+        return _trainable(comp, [{"params": [r.param for r in rows], "lr": t.lr}], True, *rows)
     if phase == "momentum":
         # The DreamBooth LoRA of the first phase stays active and frozen.
         token = identifier_token(tok, identifier)
@@ -159,13 +178,19 @@ def setup(phase: str, comp, t, identifier: str, class_noun: str) -> Trainable:
     raise ValueError(f"train.method: unknown phase {phase!r}")
 
 
-def _trainable(comp, groups, text_encoder_trains, token_row: _TokenRow | None = None) -> Trainable:
+def _trainable(comp, groups, text_encoder_trains, *token_rows: _TokenRow) -> Trainable:
     ids = {id(p) for g in groups for p in g["params"]}
     named = {f"unet.{n}": p for n, p in comp.unet.named_parameters() if id(p) in ids}
-    named |= {f"text_encoder.{n}": p for n, p in comp.text_encoder.named_parameters() if id(p) in ids}
-    if token_row is None:
+    for part, encoder in zip(("text_encoder", "text_encoder_2"), comp.text_encoders, strict=False):
+        named |= {f"{part}.{n}": p for n, p in encoder.named_parameters() if id(p) in ids}
+    if not token_rows:
         return Trainable(groups, named, text_encoder_trains)
-    return Trainable(groups, named, text_encoder_trains, token_row.restore, {id(token_row.param)})
+
+    def restore() -> None:
+        for row in token_rows:
+            row.restore()
+
+    return Trainable(groups, named, text_encoder_trains, restore, {id(r.param) for r in token_rows})
 
 
 @dataclass
@@ -174,10 +199,11 @@ class _TokenRow:
     restore: Callable[[], None]  # puts every other row back after an optimizer step
 
 
-def _one_row_trainable(comp, t, identifier: str, class_noun: str) -> _TokenRow:
-    """Textual inversion the way diffusers' script does it: the embedding matrix is trainable, and every
-    row but the identifier's is copied back after each step (AdamW's weight decay would shrink them)."""
-    tok, te = comp.tokenizer, comp.text_encoder
+def _one_row_trainable(comp, t, identifier: str, class_noun: str, encoder: int = 0) -> _TokenRow:
+    """Textual inversion the way diffusers' script does it: the embedding matrix (of text encoder number
+    ``encoder``) is trainable, and every row but the identifier's is copied back after each step (AdamW's
+    weight decay would shrink them)."""
+    tok, te = comp.tokenizers[encoder], comp.text_encoders[encoder]
     token = add_token(tok, te, identifier, class_noun) if t.new_token else identifier_token(tok, identifier)
     weight = te.get_input_embeddings().weight
     weight.data = weight.data.float()
@@ -218,13 +244,25 @@ def _custom_diffusion_processors(unet) -> list[torch.nn.Parameter]:
     return params
 
 
-def identifier_embedding(comp, identifier: str) -> torch.Tensor:
-    """The identifier's learned input embedding (1, D), as ``load_textual_inversion`` reads it."""
-    emb = comp.text_encoder.get_input_embeddings()
+def identifier_embedding(comp, identifier: str, encoder: int = 0) -> torch.Tensor:
+    """The identifier's learned input embedding (1, D) in text encoder number ``encoder``, as
+    ``load_textual_inversion`` reads it."""
+    emb = comp.text_encoders[encoder].get_input_embeddings()
     if isinstance(emb, MomentumEmbedding):
         return emb.row().detach().float().unsqueeze(0)
-    token = identifier_token(comp.tokenizer, identifier)
+    token = identifier_token(comp.tokenizers[encoder], identifier)
     return emb.weight[token].detach().float().unsqueeze(0)
+
+
+def learned_embeddings(comp, identifier: str) -> dict[str, torch.Tensor]:
+    """What ``learned_embeds.safetensors`` holds: ``{identifier: (1, D)}`` for SD 1.5 (diffusers' textual
+    inversion format), ``{"clip_l": (1, D1), "clip_g": (1, D2)}`` for SDXL (one row per text encoder)."""
+    if comp.xl:
+        return {name: identifier_embedding(comp, identifier, i).contiguous() for i, name in enumerate(XL_TI_KEYS)}
+    return {identifier: identifier_embedding(comp, identifier).contiguous()}
+
+
+XL_TI_KEYS = ("clip_l", "clip_g")
 
 
 def save(method: str, comp, folder: Path, t, identifier: str) -> list[Path]:
@@ -235,10 +273,11 @@ def save(method: str, comp, folder: Path, t, identifier: str) -> list[Path]:
 
     files = []
     if method in ("lora", "momentum_ti"):
-        files.append(save_unet_lora(comp.unet, folder, comp.text_encoder if t.train_text_encoder else None))
+        te, te2 = (comp.text_encoder, comp.text_encoder_2) if t.train_text_encoder else (None, None)
+        files.append(save_unet_lora(comp.unet, folder, te, text_encoder_2=te2, xl=comp.xl))
     if method in ("textual_inversion", "momentum_ti") or (method == "custom_diffusion" and t.train_token_embedding):
         path = folder / TI_FILE
-        save_file({identifier: identifier_embedding(comp, identifier).contiguous()}, str(path))
+        save_file(learned_embeddings(comp, identifier), str(path), metadata={"token": identifier} if comp.xl else None)
         files.append(path)
     if method == "custom_diffusion":
         state = {k: v.detach().float().contiguous() for k, v in comp.unet.state_dict().items()

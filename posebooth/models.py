@@ -1,7 +1,11 @@
 """Loading the base model and ControlNet through ``from_pretrained`` (hub id, local folder or embedded).
 
-The embedded tiny model is built once into a cache folder (see ``embedded.py``) and then goes through
-exactly the same calls as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+The embedded tiny models are built once into a cache folder (see ``embedded.py``) and then go through
+exactly the same calls as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or
+``stabilityai/stable-diffusion-xl-base-1.0``. An SDXL base (a second tokenizer and text encoder in its
+folder) is recognised by its ``model_index.json``; what differs for it is gathered here: prompts go
+through both text encoders (``encode_text``), the UNet and ControlNet take the pooled embedding and
+the six time ids (``added_conditions``), and the pipelines are the XL ones (``sd_pipeline``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ class Components:
     unet: torch.nn.Module
     noise_scheduler: object  # DDPMScheduler with the model's training schedule
     ref: str
+    tokenizer_2: object = None  # SDXL only: its second tokenizer and text encoder (with projection)
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def xl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer, self.tokenizer_2] if self.xl else [self.tokenizer]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2] if self.xl else [self.text_encoder]
 
 
 def _offline_hint(ref: str, err: Exception) -> OSError:
@@ -34,28 +52,59 @@ def _offline_hint(ref: str, err: Exception) -> OSError:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_components(ref: str, device: str = "cpu", precision: str = "fp32") -> Components:
-    """Load tokenizer, text encoder, VAE, UNet (frozen, in ``precision``) and the training noise scheduler."""
+def is_xl(ref: str) -> bool:
+    """Whether ``ref`` (hub id, folder or embedded) is an SDXL base: its model_index.json names a second
+    text encoder. Reads only that file."""
+    from diffusers import DiffusionPipeline
+
+    path = embedded.resolve(ref)
+    if not embedded.is_embedded(ref):
+        hub.require(path, "model_index.json", "base model")
+    try:
+        return "text_encoder_2" in DiffusionPipeline.load_config(path)
+    except OSError as err:
+        raise _offline_hint(ref, err) from err
+
+
+def load_components(ref: str, device: str = "cpu", precision: str = "fp32", vae: str = "") -> Components:
+    """Load tokenizer(s), text encoder(s), VAE, UNet (frozen, in ``precision``) and the training noise
+    scheduler; SD 1.5 or SDXL, whichever ``ref`` is. ``vae``: another VAE to use (a folder or hub id holding
+    only a VAE, such as the fp16-safe SDXL VAE), "" for the model's own."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = embedded.resolve(ref)
     if not embedded.is_embedded(ref):
         hub.require(path, "unet/config.json", "base model")
+    xl = is_xl(ref)
+    if vae and not embedded.is_embedded(vae):
+        hub.require(vae, "config.json", "VAE (common.vae)")
     dtype = DTYPES[precision]
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True, dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        vae_model = (
+            AutoencoderKL.from_pretrained(embedded.resolve(vae), use_safetensors=True, torch_dtype=dtype)
+            if vae else AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        )  # fmt: skip
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        second = {}
+        if xl:
+            second = dict(
+                tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    path, subfolder="text_encoder_2", use_safetensors=True, dtype=dtype
+                ),
+            )
     except OSError as err:
         raise _offline_hint(ref, err) from err
-    for m in (text_encoder, vae, unet):
-        m.requires_grad_(False)
-        m.eval()
-        m.to(device)
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, ref)
+    for m in (text_encoder, vae_model, unet, *second.values()):
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False)
+            m.eval()
+            m.to(device)
+    return Components(tokenizer, text_encoder, vae_model, unet, noise_scheduler, ref, **second)
 
 
 def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "fp32"):
@@ -73,6 +122,21 @@ def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "
         return ControlNetModel.from_pretrained(path, use_safetensors=True, torch_dtype=DTYPES[precision]).to(device)
     except OSError as err:
         raise _offline_hint(ref, err) from err
+
+
+def check_controlnet_fits(controlnet, unet, key: str) -> None:
+    """Stop with a clear message when a ControlNet was made for another architecture than the base UNet
+    (an SD 1.5 ControlNet with an SDXL base, or the reverse), which would otherwise fail deep in a forward."""
+    want = (unet.config.cross_attention_dim, unet.config.addition_embed_type)
+    have = (controlnet.config.cross_attention_dim, controlnet.config.addition_embed_type)
+    if want != have:
+        kind = "SDXL" if want[1] == "text_time" else "SD 1.5"
+        example = ("thibaud/controlnet-openpose-sdxl-1.0, or embedded:tiny-sdxl-openpose offline" if kind == "SDXL"
+                   else "lllyasviel/control_v11p_sd15_openpose, or embedded:tiny-sd15-openpose offline")  # fmt: skip
+        raise ValueError(
+            f"{key}: the ControlNet (cross-attention width {have[0]}, added conditioning {have[1]}) does not fit the "
+            f"{kind} base model (width {want[0]}, {want[1]}); use an {kind} OpenPose ControlNet, e.g. {example}"
+        )
 
 
 SCHEDULER_CLASSES = {
@@ -96,11 +160,53 @@ def make_scheduler(name: str, config):
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> ``encoder_hidden_states`` (B, 77, D), padded to the tokenizer's max length like SD."""
+    """Prompts -> ``encoder_hidden_states`` (B, 77, D) of one SD 1.5 text encoder, padded to the tokenizer's
+    max length like SD."""
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def tokenize(comp: Components, prompts: list[str]) -> list[torch.Tensor]:
+    """Token ids (B, 77) of ``prompts`` for each of the model's tokenizers (one for SD 1.5, two for SDXL)."""
+    return [
+        tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+            return_tensors="pt").input_ids
+        for tok in comp.tokenizers
+    ]  # fmt: skip
+
+
+def encode_ids(
+    comp: Components, ids: list[torch.Tensor], text_encoders=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (from ``tokenize``) through the text encoders (``text_encoders``: the model's own, or the
+    same wrapped for training) -> ``(encoder_hidden_states (B, 77, D), pooled (B, P) or None)``.
+
+    SD 1.5: the last hidden state, no pooled embedding. SDXL, as its pipelines encode: both encoders'
+    penultimate hidden states concatenated (D = D1 + D2), and the second encoder's projected pooled output.
+    """
+    encoders = text_encoders or comp.text_encoders
+    if not comp.xl:
+        return encoders[0](ids[0].to(comp.text_encoder.device))[0], None
+    outs = [
+        enc(i.to(comp.text_encoder.device), output_hidden_states=True) for enc, i in zip(encoders, ids, strict=True)
+    ]
+    return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[1].text_embeds
+
+
+@torch.no_grad()
+def encode_text(comp: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``encode_ids`` of ``prompts`` with the frozen text encoders."""
+    return encode_ids(comp, tokenize(comp, prompts))
+
+
+def added_conditions(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> dict:
+    """The UNet's and ControlNet's extra keyword arguments: SDXL's ``added_cond_kwargs`` (pooled text
+    embedding (B, P) and time ids (B, 6)); nothing for SD 1.5 (``pooled`` is None)."""
+    if pooled is None:
+        return {}
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype)}}
 
 
 @torch.no_grad()
@@ -111,8 +217,9 @@ def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def sd_pipeline(comp: Components, scheduler_name: str, controlnet=None):
-    """A stock diffusers (ControlNet) pipeline from loaded components, with the named scheduler."""
-    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    """A stock diffusers (ControlNet) pipeline, SD 1.5 or SDXL, from loaded components, with the named
+    scheduler."""
+    import diffusers
 
     parts = dict(
         vae=comp.vae,
@@ -120,14 +227,14 @@ def sd_pipeline(comp: Components, scheduler_name: str, controlnet=None):
         tokenizer=comp.tokenizer,
         unet=comp.unet,
         scheduler=make_scheduler(scheduler_name, comp.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
-    if controlnet is None:
-        pipe = StableDiffusionPipeline(**parts)
+    if comp.xl:  # no invisible watermark: it would make the images depend on an optional package
+        parts |= dict(text_encoder_2=comp.text_encoder_2, tokenizer_2=comp.tokenizer_2, add_watermarker=False)
+        name = "StableDiffusionXLPipeline" if controlnet is None else "StableDiffusionXLControlNetPipeline"
     else:
-        pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
+        parts |= dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        name = "StableDiffusionPipeline" if controlnet is None else "StableDiffusionControlNetPipeline"
+    pipe = getattr(diffusers, name)(**parts, **({"controlnet": controlnet} if controlnet is not None else {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

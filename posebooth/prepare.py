@@ -54,6 +54,15 @@ def _safe_stem(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "image"
 
 
+def size_conditioning(size: tuple[int, int], box: tuple[int, int, int, int], resolution: int) -> dict:
+    """What SDXL is conditioned on besides the prompt (its ``add_time_ids``), the way its training scripts
+    record it: the photo's ``original_size`` (height, width) and ``crop_top_left`` (top, left) of the crop in
+    the photo resized so that the crop is ``resolution`` wide (0 where the square reaches outside: padding)."""
+    scale = resolution / (box[2] - box[0])
+    return {"original_size": [size[1], size[0]],
+            "crop_top_left": [max(0, round(box[1] * scale)), max(0, round(box[0] * scale))]}  # fmt: skip
+
+
 def choose_box(image: Image.Image, crop: str) -> tuple[tuple[int, int, int, int], str, list | None]:
     """The square to cut from ``image``: ``(box, how, face)``; ``how`` says what happened, for the manifest."""
     w, h = image.size
@@ -136,6 +145,7 @@ def prepare_folder(
             "oriented_size": [w, h],
             "crop": how,
             "crop_box": list(box),
+            **size_conditioning((w, h), box, resolution),
             "face_box": face,
             "resolution": resolution,
             "keypoints": pose is not None,

@@ -58,12 +58,17 @@ LOADING = {
     "# and, if the identifier's embedding was learned:\n"
     'pipe.load_textual_inversion("models/stage1", weight_name="learned_embeds.safetensors")',
     "full": '# the folder is a whole pipeline: from_pretrained("models/stage1") above',
+    "textual_inversion_xl": "from safetensors.torch import load_file  # one row per text encoder, token in metadata\n"
+    'emb = load_file("models/stage1/learned_embeds.safetensors")\n'
+    'pipe.load_textual_inversion(emb["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n'
+    'pipe.load_textual_inversion(emb["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)',
 }
 
 
-def stage1_card(base_model: str, trigger: str, method: str = "lora") -> str:
+def stage1_card(base_model: str, trigger: str, method: str = "lora", xl: bool = False, identifier: str = "") -> str:
     base = "models/stage1" if method == "full" else base_model
-    load = LOADING[method]
+    load = LOADING[f"{method}_xl" if xl and f"{method}_xl" in LOADING else method].replace("TOKEN", repr(identifier))
+    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     return model_card(
         f"posebooth subject, {method} (stage 1)",
         base_model,
@@ -73,9 +78,9 @@ def stage1_card(base_model: str, trigger: str, method: str = "lora") -> str:
 
 ```python
 from pathlib import Path
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe = {pipeline}.from_pretrained("{base}")
 {load}
 image = pipe("{trigger} on the beach").images[0]
 ```
@@ -83,7 +88,8 @@ image = pipe("{trigger} on the beach").images[0]
     )
 
 
-def stage2_card(base_model: str, trigger: str) -> str:
+def stage2_card(base_model: str, trigger: str, xl: bool = False) -> str:
+    pipeline = "StableDiffusionXLControlNetPipeline" if xl else "StableDiffusionControlNetPipeline"
     return model_card(
         "posebooth pose ControlNet (stage 2)",
         base_model,
@@ -94,11 +100,11 @@ def stage2_card(base_model: str, trigger: str) -> str:
 The ControlNet was trained with the stage-1 LoRA in the UNet: load both.
 
 ```python
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers import ControlNetModel, {pipeline}
 from PIL import Image
 
 controlnet = ControlNetModel.from_pretrained("models/stage2/controlnet")
-pipe = StableDiffusionControlNetPipeline.from_pretrained("{base_model}", controlnet=controlnet)
+pipe = {pipeline}.from_pretrained("{base_model}", controlnet=controlnet)
 pipe.load_lora_weights("models/stage1")
 pose_map = Image.open("samples/poses/standing.png")  # OpenPose skeleton on black
 image = pipe("{trigger} waving", image=pose_map).images[0]

@@ -35,8 +35,28 @@ def load_into(pipe, stage1: str | Path, adapter_name: str = "subject") -> bool:
     if (folder / CD_FILE).exists():
         load_custom_diffusion(pipe, folder / CD_FILE)
     if (folder / TI_FILE).exists():
-        pipe.load_textual_inversion(str(folder), weight_name=TI_FILE, use_safetensors=True)
+        load_learned_embeddings(pipe, folder / TI_FILE)
     return has_lora
+
+
+def load_learned_embeddings(pipe, path: Path) -> None:
+    """Textual inversion the stock way: SD 1.5's one-entry file as it is; SDXL's ``clip_l`` / ``clip_g``
+    rows into the first and the second text encoder, under the token recorded in the file's metadata."""
+    from safetensors import safe_open
+
+    from posebooth.methods import XL_TI_KEYS
+
+    with safe_open(str(path), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        token = (f.metadata() or {}).get("token")
+    if set(state) != set(XL_TI_KEYS):
+        pipe.load_textual_inversion(str(path.parent), weight_name=path.name, use_safetensors=True)
+        return
+    if not token:
+        raise ValueError(f"{path}: SDXL embeddings without the 'token' metadata entry; train stage 1 again")
+    for key, encoder, tokenizer in zip(XL_TI_KEYS, (pipe.text_encoder, pipe.text_encoder_2),
+                                       (pipe.tokenizer, pipe.tokenizer_2), strict=True):  # fmt: skip
+        pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
 
 
 def load_custom_diffusion(pipe, path: Path) -> None:
@@ -70,9 +90,10 @@ def trained_pipelines(
     ``extra_loras`` are further LoRAs (a folder or a ``.safetensors`` file, for example a style) with their
     weights, active next to the subject's LoRA, which is scaled by ``subject_scale``.
     """
-    from posebooth.models import sd_pipeline
+    from posebooth.models import check_controlnet_fits, sd_pipeline
 
     controlnet = load_stage2_controlnet(stage2, device, precision)
+    check_controlnet_fits(controlnet, comp.unet, f"{stage2}")
     posed = sd_pipeline(comp, scheduler, controlnet)
     has_lora = load_into(posed, stage1)  # into the modules both pipelines share
     if (Path(stage2) / "unet_lora" / LORA_FILE).exists():  # stage 2 went on training the UNet LoRA

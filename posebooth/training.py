@@ -51,6 +51,14 @@ class Shard:
         return self.take(torch.rand(b * self.world, generator=generator), b)
 
 
+def on_main_process(accelerator, write) -> None:
+    """Call ``write()`` on the main process only (under ``accelerate launch`` only it writes checkpoints and
+    outputs), then hold every process until it is done, so that none reads or moves on too early."""
+    if accelerator.is_main_process:
+        write()
+    accelerator.wait_for_everyone()
+
+
 class NullLog:
     """What processes other than the main one log under ``accelerate launch``: nothing."""
 

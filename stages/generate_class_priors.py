@@ -10,7 +10,7 @@ Pose-paired priors (the seed project's): class image i is generated through the 
 ControlNet (``controlnet``) from the pose of instance photo i mod N, so that each prior sample of stage 2
 is (class image, the same pose, class prompt).
 Image i uses seed ``common.seed * 1_000_000 + i``, so it is the same whatever the batch size. Generated
-images are also cached outside the outputs (see posebooth/priors.py): a re-run after an interruption,
+images are also cached outside the outputs (see posebooth/image_cache.py): a re-run after an interruption,
 or after DVC deleted the outputs, generates only what is missing.
 """
 
@@ -22,10 +22,16 @@ import logging
 from PIL import Image
 from tqdm import tqdm
 
-from posebooth import config, outputs, priors
+from posebooth import config, image_cache, outputs
 from posebooth.detectors import make_detector
-from posebooth.generation import chunks, generate
-from posebooth.models import load_components, load_controlnet, sd_pipeline, weights_fingerprint
+from posebooth.generation import generate, plan_batches
+from posebooth.models import (
+    check_controlnet_fits,
+    load_components,
+    load_controlnet,
+    sd_pipeline,
+    weights_fingerprint,
+)
 from posebooth.poses import fit_square, render_pose
 from posebooth.prepare import prepare_folder
 
@@ -59,20 +65,18 @@ def main() -> None:
             seeds = [c.seed * 1_000_000 + i for i in range(g.num_class_images)]
             poses = instance_poses(args.prepared, ep, c.device) if g.pose_paired else []
             pose_of = {s: poses[i % len(poses)] for i, s in enumerate(seeds)} if poses else {}
-            key = priors.cache_key(
+            key = image_cache.cache_key(
                 model=weights_fingerprint(c.model), prompt=prompt, negative_prompt=g.negative_prompt,
                 resolution=c.resolution, steps=g.steps, guidance_scale=g.guidance_scale, scheduler=g.scheduler,
-                precision=c.precision,
+                precision=c.precision, **({"vae": weights_fingerprint(c.vae)} if c.vae else {}),
                 **({"controlnet": weights_fingerprint(g.controlnet), "render_size": ep.render_size,
                     "poses": [p.to_json() for _, p in poses]} if poses else {}),
             )  # fmt: skip
-            cache = priors.cache_dir(key)
-            images = {s: priors.load_cached(cache, s, c.resolution) for s in seeds}
-            # Batches of one pose each (a batch shares its control image). A batch is made again whole unless
-            # all its images are cached, so a resumed run batches exactly like an uninterrupted one.
+            cache = image_cache.cache_dir(key)
+            images = {s: image_cache.load_cached(cache, s, c.resolution) for s in seeds}
+            # Batches of one pose each (a batch shares its control image).
             groups = [[s for s in seeds if pose_of[s][0] == name] for name, _ in poses] if poses else [seeds]
-            batches = [b for group in groups for b in chunks(group, g.batch_size)]
-            todo = [b for b in batches if any(images[s] is None for s in b)]
+            _, todo = plan_batches(groups, g.batch_size, images)
             found = sum(image is not None for image in images.values())
             log.info("%d of %d class image(s) found in the cache %s; %d batch(es) of %d to make", found, len(seeds),
                      cache, len(todo), g.batch_size)  # fmt: skip
@@ -82,7 +86,10 @@ def main() -> None:
             )
             if todo:
                 controlnet = load_controlnet(g.controlnet, None, c.device, c.precision) if poses else None
-                pipe = sd_pipeline(load_components(c.model, c.device, c.precision), g.scheduler, controlnet)
+                comp = load_components(c.model, c.device, c.precision, c.vae)
+                if controlnet is not None:
+                    check_controlnet_fits(controlnet, comp.unet, "generate_class_priors.controlnet")
+                pipe = sd_pipeline(comp, g.scheduler, controlnet)
                 with tqdm(total=sum(map(len, todo)), desc="class priors", unit="img") as bar:
                     for batch in todo:
                         control = (
@@ -92,7 +99,7 @@ def main() -> None:
                         made = generate(pipe, prompt, batch, steps=g.steps, guidance_scale=g.guidance_scale,
                                         resolution=c.resolution, negative_prompt=g.negative_prompt, **control)  # fmt: skip
                         for seed, image in zip(batch, made, strict=True):
-                            priors.store(cache, seed, image)  # at once: an interrupted run keeps its work
+                            image_cache.store(cache, seed, image)  # at once: an interrupted run keeps its work
                             images[seed] = image
                         bar.update(len(batch))
                         outputs.failpoint("class-priors:batch")

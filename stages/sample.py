@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from posebooth import checkpoints, config, outputs, priors, subject
+from posebooth import checkpoints, config, image_cache, outputs, subject
 from posebooth.detectors import make_detector
-from posebooth.generation import chunks, generate
+from posebooth.generation import generate, plan_batches
 from posebooth.grid import contact_sheet
 from posebooth.models import load_components, weights_fingerprint
 from posebooth.poses import IMAGE_SUFFIXES, load_target_poses, parse_pose_entry, render_pose
@@ -46,7 +46,9 @@ def main() -> None:
     detect = make_detector(ep.detector, ep, c.device).detect if images and ep.detector != "sidecar" else None
     poses = load_target_poses(s.poses, args.target_poses, detect)  # validated before any model loads
 
-    comp = load_components(subject.base_model(args.stage1, c.model), c.device, c.precision)  # full: stage 1's own
+    comp = load_components(
+        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae
+    )  # full: stage 1's own
     extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
     for path, _ in extras:
         if Path(args.loras).resolve() not in Path(path).resolve().parents:
@@ -62,7 +64,7 @@ def main() -> None:
     # trained models, the target poses), so a re-run after an interruption makes only the rest.
     inputs = [args.stage1, args.stage2, args.target_poses] + ([args.loras] if extras else [])
     key = checkpoints.fingerprint(cfg.as_dict() | {"model": weights_fingerprint(c.model)}, inputs)
-    cache = priors.cache_dir(key, "samples")
+    cache = image_cache.cache_dir(key, "samples")
     image_bytes = len(jobs) * len(s.seeds) * 3 * c.resolution**2
     outputs.require_free_space({cache: image_bytes, args.out: image_bytes}, "sample")
     index, rows = [], []
@@ -75,15 +77,13 @@ def main() -> None:
             image.save(tmp / "poses" / f"{name}.png")
             outputs.write_json(tmp / "poses" / f"{name}.json", poses[name].to_json())  # what evaluate compares with
         # Batches of sample.batch_size images across prompts and seeds (pose-free and posed images apart: they
-        # go through different pipelines). Each batch is cached as soon as it is made, and made again whole
-        # unless all of it is cached, so a resumed run batches exactly like an uninterrupted one.
+        # go through different pipelines), each cached as soon as it is made.
         common = dict(steps=s.steps, guidance_scale=s.guidance_scale, resolution=c.resolution,
                       negative_prompt=s.negative_prompt)  # fmt: skip
         items = [(j, seed) for j in range(len(jobs)) for seed in s.seeds]
-        made = {it: priors.load_cached(cache, f"{it[0]:03d}_s{it[1]}", c.resolution) for it in items}
+        made = {it: image_cache.load_cached(cache, f"{it[0]:03d}_s{it[1]}", c.resolution) for it in items}
         groups = [list(g) for _, g in itertools.groupby(items, key=lambda it: jobs[it[0]][1] is None)]
-        batches = [b for group in groups for b in chunks(group, s.batch_size)]
-        todo = [b for b in batches if any(made[it] is None for it in b)]
+        batches, todo = plan_batches(groups, s.batch_size, made)
         reused = len(batches) - len(todo)
         for batch in tqdm(todo, desc="sample", unit="batch"):
             prompts = [config.fill(jobs[j][0], c) for j, _ in batch]
@@ -95,7 +95,7 @@ def main() -> None:
                                   conditioning_scale=s.conditioning_scale,
                                   control_guidance=(s.control_guidance_start, s.control_guidance_end), **common)  # fmt: skip
             for it, image in zip(batch, images, strict=True):
-                priors.store(cache, f"{it[0]:03d}_s{it[1]}", image)
+                image_cache.store(cache, f"{it[0]:03d}_s{it[1]}", image)
                 made[it] = image
             outputs.failpoint("sample:batch")
         for j, (template, pose_name, kind) in enumerate(jobs):

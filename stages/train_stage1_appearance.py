@@ -27,11 +27,15 @@ from posebooth.generation import generate
 from posebooth.identifier import check_identifier
 from posebooth.lora import KOHYA_FILE, LORA_FILE, export_kohya
 from posebooth.models import (
+    added_conditions,
     drop_local_paths,
+    encode_ids,
     encode_images,
-    encode_prompts,
+    encode_text,
+    is_xl,
     load_components,
     sd_pipeline,
+    tokenize,
     weights_fingerprint,
 )
 from posebooth.prompts import choose_variants, instance_prompts, prompt_variants
@@ -52,8 +56,10 @@ def main() -> None:
     cfg = config.load(["common", "train"])
     c, t = cfg.common, cfg.train
     generator = outputs.seed_everything(c.seed, c.deterministic)
+    xl = is_xl(c.model)  # SDXL: two text encoders, pooled embedding and time ids (posebooth/models.py)
+    methods.check_supported(t.method, xl, c.model)
 
-    _, instance_pixels = data.instance_images(args.prepared, c.resolution)  # (N, 3, R, R) in [-1, 1]
+    names, instance_pixels = data.instance_images(args.prepared, c.resolution)  # (N, 3, R, R) in [-1, 1]
     class_pixels = data.class_images(args.class_priors, c.resolution)  # (M, 3, R, R), M may be 0
     with_prior = t.prior_loss_weight > 0
     if with_prior and len(class_pixels) == 0:
@@ -70,7 +76,7 @@ def main() -> None:
     views, view_boxes = augment.crop_views(instance_pixels, faces, t.random_crops, t.random_crop_scale, generator)
     n_images, n_views = views.shape[:2]
 
-    comp = load_components(c.model, c.device, c.precision)
+    comp = load_components(c.model, c.device, c.precision, c.vae)
     unet, text_encoder, scheduler = comp.unet, comp.text_encoder, comp.noise_scheduler
     # The VAE is frozen: latents are encoded once per view and mirror image, not at every step.
     view_latents = encode_images(comp.vae, views.flatten(0, 1)).unflatten(0, (n_images, n_views))  # (N, K, 4, h, w)
@@ -83,6 +89,10 @@ def main() -> None:
     masks = torch.stack([torch.stack([augment.box_mask(b, c.resolution, h) for b in boxes]) for boxes in view_boxes])
     loss_maps = 1 + t.face_loss_weight * masks  # (N, K, 1, h, w): 1 outside faces
     use_loss_maps = bool(masks.any())
+    # SDXL's size and crop conditioning: each photo's own (recorded by prepare_images; its zoomed views and
+    # mirror images keep it), class images' generated size. None for SD 1.5.
+    instance_time_ids = data.time_ids(args.prepared, names, c.resolution) if xl else None
+    class_time_ids = data.generated_time_ids(t.batch_size, c.resolution) if xl else None
     identifier = check_identifier(comp.tokenizer, c.identifier)
     for warning in identifier["warnings"]:
         log.warning("%s", warning)
@@ -122,7 +132,7 @@ def main() -> None:
             weights = outputs.nbytes(tr.named.values())
             saved = outputs.nbytes(unet, text_encoder, comp.vae) if phase == "full" else weights
             outputs.require_free_space({ckpt_root: 3 * weights, args.out: saved}, "train_stage1_appearance")
-            models = [unet, text_encoder] if tr.text_encoder_trains else [unet]
+            models = [unet, *comp.text_encoders] if tr.text_encoder_trains else [unet]
             accelerator, models, optimizer, lr_scheduler = training.prepare(
                 models, tr.groups, t, c.device, c.precision, steps
             )
@@ -130,12 +140,11 @@ def main() -> None:
             if shard.world > 1:
                 log.info("%s on %d processes (accelerate launch): %d instance image(s) per process and micro-step",
                          phase, shard.world, b)  # fmt: skip
-            tokens = comp.tokenizer(variants + [class_prompt], padding="max_length", truncation=True,
-                                    max_length=comp.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
-            variant_ids, class_ids = tokens[:-1].to(c.device), tokens[-1:].to(c.device)  # (V, 77), (1, 77)
-            if not tr.text_encoder_trains:  # frozen text encoder: prompt embeddings encoded once
-                variant_emb = encode_prompts(comp.tokenizer, text_encoder, variants)  # (V, 77, D)
-                class_emb = encode_prompts(comp.tokenizer, text_encoder, [class_prompt])  # (1, 77, D)
+            tokens = tokenize(comp, variants + [class_prompt])  # per tokenizer: (V + 1, 77)
+            variant_ids, class_ids = [ids[:-1] for ids in tokens], [ids[-1:] for ids in tokens]
+            if not tr.text_encoder_trains:  # frozen text encoders: prompt embeddings encoded once
+                variant_emb, variant_pooled = encode_text(comp, variants)  # (V, 77, D), SDXL: (V, P)
+                class_emb, class_pooled = encode_text(comp, [class_prompt])  # (1, 77, D), SDXL: (1, P)
             first = 0
             if (ckpts[phase] / "state.json").exists():
                 first, _ = checkpoints.load(ckpts[phase], tr.named, optimizer, lr_scheduler, generator)
@@ -146,10 +155,10 @@ def main() -> None:
 
             def save_checkpoint(step, phase=phase, tr=tr, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                 accelerator=accelerator):  # fmt: skip
-                if accelerator.is_main_process:
-                    checkpoints.save(ckpts[phase], step, tr.named, optimizer, lr_scheduler, generator,
-                                     steplog.history, steplog.images_dir)  # fmt: skip
-                accelerator.wait_for_everyone()
+                training.on_main_process(accelerator, lambda: checkpoints.save(
+                    ckpts[phase], step, tr.named, optimizer, lr_scheduler, generator, steplog.history,
+                    steplog.images_dir,
+                ))  # fmt: skip
 
             for step in tqdm(range(first, steps), desc=f"stage 1 {phase}", unit="step", initial=first, total=steps):
                 totals = torch.zeros(3)
@@ -168,20 +177,28 @@ def main() -> None:
                             cidx = shard.indices(len(class_latents), b, generator)
                             latents = torch.cat([latents, class_latents[cidx]])
                             loss_map = torch.cat([loss_map, torch.ones_like(loss_map)])
-                        if tr.text_encoder_trains:  # prompts through the text encoder being trained
-                            ids = variant_ids[chosen]
-                            ids = torch.cat([ids, class_ids.expand(b, -1)]) if with_prior else ids
+                        if tr.text_encoder_trains:  # prompts through the text encoder(s) being trained
+                            ids = [v[chosen] for v in variant_ids]
+                            if with_prior:
+                                ids = [torch.cat([i, k.expand(b, -1)]) for i, k in zip(ids, class_ids, strict=True)]
                             with accelerator.autocast():
-                                encoder_hidden_states = models[1](ids)[0]  # (B or 2B, 77, D)
+                                encoder_hidden_states, pooled = encode_ids(comp, ids, models[1:])  # (B or 2B, 77, D)
                         else:
                             encoder_hidden_states = variant_emb[chosen]  # (B, 77, D)
+                            pooled = variant_pooled[chosen] if xl else None
                             if with_prior:
                                 encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
+                                pooled = torch.cat([pooled, class_pooled.expand(b, -1)]) if xl else None
+                        ids_time = instance_time_ids[idx] if xl else None  # SDXL: (B or 2B, 6)
+                        if xl and with_prior:
+                            ids_time = torch.cat([ids_time, class_time_ids])
                         noisy_latents, noise, timesteps = add_noise(
                             scheduler, latents, generator, t.noise_offset, shard.rank_world
                         )
                         with accelerator.autocast():
-                            model_pred = models[0](noisy_latents, timesteps, encoder_hidden_states).sample
+                            model_pred = models[0](
+                                noisy_latents, timesteps, encoder_hidden_states, **added_conditions(pooled, ids_time)
+                            ).sample
                         step_losses, grad_norm = training.loss_and_step(
                             accelerator, scheduler, model_pred, latents, noise, timesteps, with_prior, t,
                             tr.params, optimizer, lr_scheduler, loss_map if use_loss_maps else None,
@@ -208,7 +225,8 @@ def main() -> None:
         steplog.summary(steps=done, method=t.method, trainable_params=trainable_count,
                         identifier_tokens=len(identifier["tokens"]),
                         face_boxes=sum(b is not None for b in faces) if t.face_loss_weight > 0 else 0)  # fmt: skip
-        if accelerator.is_main_process:
+
+        def write_outputs() -> None:
             with outputs.atomic_dir(args.out) as tmp:
                 files = methods.save(t.method, comp, tmp, t, c.identifier)
                 if t.export_kohya and (tmp / LORA_FILE).exists():
@@ -217,11 +235,14 @@ def main() -> None:
                     cfg.as_dict(), base_model=c.model, method=t.method, trigger=templates[0], identifier_check=identifier,
                     files=[f.name for f in files],
                 ))  # fmt: skip
-                (tmp / "README.md").write_text(provenance.stage1_card(c.model, templates[0], t.method))
+                (tmp / "README.md").write_text(
+                    provenance.stage1_card(c.model, templates[0], t.method, xl, c.identifier)
+                )
                 drop_local_paths(tmp)
             steplog.close()
             checkpoints.remove(ckpt_root)
-        accelerator.wait_for_everyone()
+
+        training.on_main_process(accelerator, write_outputs)
     except BaseException:
         steplog.abort()
         raise

@@ -26,9 +26,11 @@ from posebooth import checkpoints, config, data, outputs, provenance, subject, t
 from posebooth.diffusion import add_noise
 from posebooth.lora import add_controlnet_lora, save_controlnet_lora, save_unet_lora
 from posebooth.models import (
+    added_conditions,
+    check_controlnet_fits,
     drop_local_paths,
     encode_images,
-    encode_prompts,
+    encode_text,
     load_components,
     load_controlnet,
     sd_pipeline,
@@ -66,17 +68,28 @@ def main() -> None:
             "no class image has a pose" if not class_names else "prior_loss_weight is 0",
         )
 
-    comp = load_components(subject.base_model(args.stage1, c.model), c.device, c.precision)  # full: stage 1's own
+    comp = load_components(
+        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae
+    )  # full: stage 1's own
     unet, scheduler = comp.unet, comp.noise_scheduler
     # The ControlNet first: from_unet fails on a UNet that already carries a PEFT LoRA. It trains in fp32.
     controlnet = load_controlnet(t.controlnet, unet, c.device)
+    check_controlnet_fits(controlnet, unet, "train_pose.controlnet")
     subject.load_into(sd_pipeline(comp, "ddim"), args.stage1)  # the stage-1 identity (UNet, text encoder)...
     unet.requires_grad_(False)  # ... frozen
-    comp.text_encoder.requires_grad_(False)
+    for encoder in comp.text_encoders:
+        encoder.requires_grad_(False)
     latents_all = encode_images(comp.vae, pixels)  # (N, 4, R/8, R/8), encoded once (frozen VAE)
     class_latents = encode_images(comp.vae, class_pixels) if with_prior else None
     prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c), ""]
-    instance_emb, class_emb, empty_emb = encode_prompts(comp.tokenizer, comp.text_encoder, prompts).chunk(3)
+    embeddings, pooled_all = encode_text(comp, prompts)  # (3, 77, D); SDXL: pooled (3, P), else None
+    instance_emb, class_emb, empty_emb = embeddings.chunk(3)
+    # SDXL's added conditioning: pooled prompt embeddings and time ids (instance photos' recorded sizes and
+    # crops; class images' generated size). Nothing for SD 1.5.
+    if comp.xl:
+        instance_pooled, class_pooled, empty_pooled = pooled_all.chunk(3)
+        instance_time_ids = data.time_ids(args.prepared, names, c.resolution)
+        class_time_ids = data.generated_time_ids(t.batch_size, c.resolution)
     conds, class_conds = conds.to(c.device), class_conds.to(c.device)
     log.info("%d instance and %d class (image, pose) pairs; prompt %r dropped with p=%.2f",
              len(names), len(class_names) if with_prior else 0, prompts[0], t.empty_prompt_prob)  # fmt: skip
@@ -131,9 +144,9 @@ def main() -> None:
         log.info("%d processes (accelerate launch): %d pair(s) per process and micro-step", shard.world, b)
 
     def save_checkpoint(done: int) -> None:
-        if accelerator.is_main_process:
-            checkpoints.save(ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history)
-        accelerator.wait_for_everyone()
+        training.on_main_process(accelerator, lambda: checkpoints.save(
+            ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history
+        ))  # fmt: skip
 
     start = time.perf_counter()
     try:
@@ -144,27 +157,35 @@ def main() -> None:
                     idx = shard.indices(len(latents_all), b, generator)
                     latents, controlnet_cond = latents_all[idx], conds[idx]  # (B, 4, h, w), (B, 3, R, R)
                     encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
+                    pooled = instance_pooled.expand(b, -1) if comp.xl else None  # SDXL: (B, P)
+                    ids_time = instance_time_ids[idx] if comp.xl else None  # SDXL: (B, 6)
                     if with_prior:  # instance half first, then (class image, its pose, class prompt): (2B, ...)
                         cidx = shard.indices(len(class_latents), b, generator)
                         latents = torch.cat([latents, class_latents[cidx]])
                         controlnet_cond = torch.cat([controlnet_cond, class_conds[cidx]])
                         encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
+                        if comp.xl:
+                            pooled = torch.cat([pooled, class_pooled.expand(b, -1)])
+                            ids_time = torch.cat([ids_time, class_time_ids])
                     # Empty-prompt dropout (diffusers' train_controlnet): the pose alone must carry the layout.
                     drop = shard.rand(len(latents), generator) < t.empty_prompt_prob
                     encoder_hidden_states = torch.where(
                         drop.view(-1, 1, 1).to(c.device), empty_emb, encoder_hidden_states
                     )
+                    if comp.xl:
+                        pooled = torch.where(drop.view(-1, 1).to(c.device), empty_pooled, pooled)
+                    extra = added_conditions(pooled, ids_time)  # SDXL's added_cond_kwargs, for both networks
                     noisy_latents, noise, timesteps = add_noise(
                         scheduler, latents, generator, t.noise_offset, shard.rank_world
                     )
                     with accelerator.autocast():
                         down_res, mid_res = controlnet(
                             noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                            controlnet_cond=controlnet_cond, return_dict=False,
+                            controlnet_cond=controlnet_cond, return_dict=False, **extra,
                         )  # fmt: skip
                         model_pred = unet(
                             noisy_latents, timesteps, encoder_hidden_states,
-                            down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res,
+                            down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res, **extra,
                         ).sample  # fmt: skip
                     step_losses, grad_norm = training.loss_and_step(
                         accelerator, scheduler, model_pred, latents, noise, timesteps, with_prior, t,
@@ -174,7 +195,8 @@ def main() -> None:
             totals = accelerator.reduce(totals, "mean")  # over processes
             training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, save_checkpoint)
         steplog.summary(steps=t.steps, pairs=len(names), class_pairs=len(class_names) if with_prior else 0)
-        if accelerator.is_main_process:
+
+        def write_outputs() -> None:
             with outputs.atomic_dir(args.out) as tmp:
                 trained = accelerator.unwrap_model(controlnet)
                 if t.mode == "full":
@@ -191,11 +213,12 @@ def main() -> None:
                     cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
                     stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],
                 ))  # fmt: skip
-                (tmp / "README.md").write_text(provenance.stage2_card(c.model, prompts[0]))
+                (tmp / "README.md").write_text(provenance.stage2_card(c.model, prompts[0], comp.xl))
                 drop_local_paths(tmp)
             steplog.close()
             checkpoints.remove(ckpt)
-        accelerator.wait_for_everyone()
+
+        training.on_main_process(accelerator, write_outputs)
     except BaseException:
         steplog.abort()
         raise

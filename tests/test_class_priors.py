@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from posebooth import config, priors
+from posebooth import config, image_cache
 from posebooth.models import weights_fingerprint
 from tests.conftest import ROOT
 from tests.profile import apply_profile
@@ -41,12 +41,12 @@ def digests(folder):
 def cache_folder(workdir):
     cfg = config.load(["common", "generate_class_priors"], workdir / "params.yaml")
     c, g = cfg.common, cfg.generate_class_priors
-    key = priors.cache_key(
+    key = image_cache.cache_key(
         model=weights_fingerprint(c.model), prompt=config.fill(c.class_prompt, c), negative_prompt=g.negative_prompt,
         resolution=c.resolution, steps=g.steps, guidance_scale=g.guidance_scale, scheduler=g.scheduler,
         precision=c.precision,
     )  # fmt: skip
-    return priors.cache_dir(key)
+    return image_cache.cache_dir(key)
 
 
 def test_resume_without_regeneration(workdir, monkeypatch, caplog):
