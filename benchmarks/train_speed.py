@@ -5,11 +5,15 @@ Variants (same model, resolution, batch, prior preservation and steps):
 - ``posebooth``: the stage's loop: VAE latents and prompt embeddings encoded once, before the loop;
 - ``encode_every_step``: a plain loop that runs the VAE encoder on the batch's pixels and the text encoder
   on its prompts at every step (what many training scripts do);
-- ``gradient_checkpointing``, ``adamw_8bit``, ``bf16``: posebooth's loop with that option on.
+- ``gradient_checkpointing``, ``adamw_8bit``, ``bf16``: posebooth's loop with that option on;
+- ``checkpointing_8bit``: both savers of the 16 GB SDXL profile (profiles/sdxl.yaml) together.
+
+``--model embedded:tiny-sdxl`` measures the same on the tiny SDXL-architecture model (both text encoders,
+pooled embedding and time ids, as stage 1 feeds SDXL).
 
 Each variant runs in its own process (``ru_maxrss`` only grows within a process), the variants are
 interleaved, each is repeated, and the medians are printed with ratios to ``posebooth``, measured in
-the same run. Usage: ``python benchmarks/train_speed.py [--steps 40] [--repeats 3] [--resolution 64]``.
+the same run. Usage: ``python benchmarks/train_speed.py [--steps 40] [--repeats 3] [--resolution 64] [--model M]``.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["posebooth", "encode_every_step", "gradient_checkpointing", "adamw_8bit", "bf16"]
+VARIANTS = ["posebooth", "encode_every_step", "gradient_checkpointing", "adamw_8bit", "checkpointing_8bit", "bf16"]
 
 
-def worker(variant: str, steps: int, resolution: int, batch: int, warmup: int) -> dict:
+def worker(variant: str, steps: int, resolution: int, batch: int, warmup: int, model: str) -> dict:
     """Train ``warmup + steps`` LoRA steps the way ``variant`` says; return steps/s and peak RSS."""
     import copy
 
@@ -36,7 +40,7 @@ def worker(variant: str, steps: int, resolution: int, batch: int, warmup: int) -
 
     from posebooth import config, data, methods, training
     from posebooth.diffusion import add_noise
-    from posebooth.models import encode_images, encode_prompts, load_components
+    from posebooth.models import added_conditions, encode_images, encode_text, load_components
 
     torch.manual_seed(0)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -44,14 +48,14 @@ def worker(variant: str, steps: int, resolution: int, batch: int, warmup: int) -
         "batch_size": batch,
         "steps": warmup + steps,
         "lr_warmup_steps": 0,
-        "gradient_checkpointing": variant == "gradient_checkpointing",
-        "optimizer": "adamw_8bit" if variant == "adamw_8bit" else "adamw",
+        "gradient_checkpointing": variant in ("gradient_checkpointing", "checkpointing_8bit"),
+        "optimizer": "adamw_8bit" if variant in ("adamw_8bit", "checkpointing_8bit") else "adamw",
     }
     t = config.build_section("train", raw)
     precision = "bf16" if variant == "bf16" else "fp32"
     photos = torch.stack([p for p in _photos(data, resolution)])  # (N, 3, R, R) in [-1, 1]
     class_pixels = photos.flip(-1)  # stand-ins for class images: same count and size
-    comp = load_components("embedded:tiny-sd15", "cpu", precision)
+    comp = load_components(model, "cpu", precision)
     tr = methods.setup("lora", comp, t, "sks", "robot")
     accelerator, (unet,), optimizer, lr_scheduler = training.prepare([comp.unet], tr.groups, t, "cpu", precision)
     prompts = ["a photo of sks robot", "a photo of a robot"]
@@ -61,7 +65,8 @@ def worker(variant: str, steps: int, resolution: int, batch: int, warmup: int) -
         with torch.no_grad():
             latents_all = encode_images(comp.vae, photos)
             class_latents = encode_images(comp.vae, class_pixels)
-            emb = encode_prompts(comp.tokenizer, comp.text_encoder, prompts)
+            emb, pooled_all = encode_text(comp, prompts)  # pooled: SDXL only
+    time_ids = data.generated_time_ids(2 * batch, resolution)  # SDXL only
     unet.train()
     start = 0.0
     for step in range(warmup + steps):
@@ -72,13 +77,16 @@ def worker(variant: str, steps: int, resolution: int, batch: int, warmup: int) -
         if cached:
             latents = torch.cat([latents_all[idx], class_latents[cidx]])
             hidden = torch.cat([emb[:1].expand(batch, -1, -1), emb[1:].expand(batch, -1, -1)])
+            pooled = (
+                torch.cat([pooled_all[:1].expand(batch, -1), pooled_all[1:].expand(batch, -1)]) if comp.xl else None
+            )
         else:  # a plain loop: encode the batch's pixels and prompts now
             with torch.no_grad():
                 latents = encode_images(comp.vae, torch.cat([photos[idx], class_pixels[cidx]]))
-                hidden = encode_prompts(comp.tokenizer, comp.text_encoder, [prompts[0]] * batch + [prompts[1]] * batch)
+                hidden, pooled = encode_text(comp, [prompts[0]] * batch + [prompts[1]] * batch)
         noisy, noise, timesteps = add_noise(comp.noise_scheduler, latents, generator)
         with accelerator.autocast():
-            pred = unet(noisy, timesteps, hidden).sample
+            pred = unet(noisy, timesteps, hidden, **added_conditions(pooled, time_ids)).sample
         training.loss_and_step(accelerator, comp.noise_scheduler, pred, latents, noise, timesteps, True, t,
                                tr.params, optimizer, lr_scheduler)  # fmt: skip
     elapsed = time.perf_counter() - start
@@ -106,23 +114,25 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--model", default="embedded:tiny-sd15", help="embedded:tiny-sd15 or embedded:tiny-sdxl")
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.resolution, args.batch, args.warmup)))
+        print(json.dumps(worker(args.worker, args.steps, args.resolution, args.batch, args.warmup, args.model)))
         return
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for r in range(args.repeats):
         for variant in args.variants:  # interleaved, so drifting machine load hits every variant alike
             cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--resolution", str(args.resolution), "--batch", str(args.batch)]  # fmt: skip
+                   str(args.warmup), "--resolution", str(args.resolution), "--batch", str(args.batch),
+                   "--model", args.model]  # fmt: skip
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
             runs[variant].append(json.loads(out.strip().splitlines()[-1]))
             print(f"repeat {r + 1}/{args.repeats} {variant}: {runs[variant][-1]['steps_per_s']:.2f} steps/s, "
                   f"peak {runs[variant][-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)  # fmt: skip
     med = {v: {k: statistics.median(x[k] for x in runs[v]) for k in ("steps_per_s", "peak_mb")} for v in runs}
     base = med.get("posebooth")
-    print(f"\nstage-1 LoRA training, embedded model, {args.resolution} px, batch {args.batch} + {args.batch} class "
+    print(f"\nstage-1 LoRA training, {args.model}, {args.resolution} px, batch {args.batch} + {args.batch} class "
           f"images, {args.steps} timed steps, median of {args.repeats} interleaved runs (own process each)\n")  # fmt: skip
     print("| variant | steps/s | peak RSS (MB) | speed vs posebooth | peak vs posebooth |")
     print("|---|---:|---:|---:|---:|")

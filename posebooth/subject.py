@@ -56,7 +56,9 @@ def load_learned_embeddings(pipe, path: Path) -> None:
         raise ValueError(f"{path}: SDXL embeddings without the 'token' metadata entry; train stage 1 again")
     for key, encoder, tokenizer in zip(XL_TI_KEYS, (pipe.text_encoder, pipe.text_encoder_2),
                                        (pipe.tokenizer, pipe.tokenizer_2), strict=True):  # fmt: skip
-        pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
+        pipe.load_textual_inversion(
+            state[key], token=token, text_encoder=encoder, tokenizer=tokenizer, use_safetensors=True
+        )  # (tensors read with safetensors above)
 
 
 def load_custom_diffusion(pipe, path: Path) -> None:

@@ -25,6 +25,12 @@ def test_train_speed_prints_ratios(tiny_sd):
     assert "posebooth vs encode-every-step:" in out and "the peak memory" in out
 
 
+def test_train_speed_on_the_tiny_sdxl_with_the_16gb_savers(tiny_sd):
+    out = _run("benchmarks/train_speed.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--model",
+               "embedded:tiny-sdxl", "--variants", "posebooth", "checkpointing_8bit")  # fmt: skip
+    assert "embedded:tiny-sdxl" in out and "| checkpointing_8bit |" in out
+
+
 def test_class_priors_speed_prints_the_ratio(tiny_sd):
     out = _run("benchmarks/class_priors_speed.py", "--images", "2", "--batch", "2", "--repeats", "1")
     assert "batched vs one at a time:" in out and "largest pixel difference" in out

@@ -346,3 +346,53 @@ def test_readme_sweep_recipe_queues_a_grid_and_compares_it(repo):
                 if train.get("steps") == 4 and ev:
                     grid.add((train["lr"], ev["n_images"]))
     assert grid == {(1e-4, 12), (5e-4, 12)}
+
+
+def test_the_whole_pipeline_on_the_tiny_sdxl(repo, tmp_path):
+    """The README's switch to SDXL (`posebooth use-profile tiny_sdxl`, then `dvc repro`) runs every stage on
+    the SDXL-architecture model, text-encoder LoRAs on; its outputs load in the stock SDXL pipelines and
+    give the sampled images again."""
+    import numpy as np
+    import torch
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+    from safetensors import safe_open
+
+    from posebooth import embedded
+
+    root, _ = repo
+    work = tmp_path / "xl"
+    shutil.copytree(root, work, symlinks=True)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "outputs", "--allow-empty"], work)
+    run([sys.executable, "-m", "posebooth", "use-profile", "tiny_sdxl"], work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert params["common"]["model"] == "embedded:tiny-sdxl"
+    params["train"]["train_text_encoder"] = True
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], work).stdout
+    assert ran_stages(out) == STAGES[1:]  # prepare_images does not depend on the model
+
+    with safe_open(str(work / "models/stage1/pytorch_lora_weights.safetensors"), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    assert "StableDiffusionXLPipeline" in (work / "models/stage1/README.md").read_text()
+    ev = json.loads((work / "metrics/evaluate.json").read_text())
+    assert ev["n_images"] == 12 and -1 <= ev["clip_i"]["mean"] <= 1
+
+    index = json.loads((work / "samples/index.json").read_text())
+    record = next(r for r in index["images"] if r["pose"])
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        embedded.resolve("embedded:tiny-sdxl"), add_watermarker=False, use_safetensors=True,
+        controlnet=ControlNetModel.from_pretrained(str(work / "models/stage2/controlnet"), use_safetensors=True),
+    )  # fmt: skip
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(work / "models/stage1"), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        record["prompt"], negative_prompt=record["negative_prompt"], image=Image.open(work / f"samples/poses/{record['pose']}.png"),
+        num_inference_steps=record["steps"], guidance_scale=record["guidance_scale"], height=32, width=32,
+        controlnet_conditioning_scale=record["conditioning_scale"], generator=torch.Generator().manual_seed(record["seed"]),
+    ).images[0]  # fmt: skip
+    sampled = np.asarray(Image.open(work / "samples" / record["file"]), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - sampled).max() <= 2  # batched vs alone: rounding only
