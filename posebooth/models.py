@@ -99,6 +99,10 @@ def load_components(ref: str, device: str = "cpu", precision: str = "fp32", vae:
             )
     except OSError as err:
         raise _offline_hint(ref, err) from err
+    if xl and dtype == torch.float16 and vae_model.config.force_upcast:
+        # SDXL's own VAE overflows in fp16 (its pipelines upcast it to decode): keep it fp32, as diffusers'
+        # SDXL training scripts do, unless common.vae names one made for fp16 (force_upcast false).
+        vae_model.to(torch.float32)
     for m in (text_encoder, vae_model, unet, *second.values()):
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False)

@@ -396,3 +396,15 @@ def test_the_whole_pipeline_on_the_tiny_sdxl(repo, tmp_path):
     ).images[0]  # fmt: skip
     sampled = np.asarray(Image.open(work / "samples" / record["file"]), dtype=np.int16)
     assert np.abs(np.asarray(image, dtype=np.int16) - sampled).max() <= 2  # batched vs alone: rounding only
+
+    # Pose-paired class priors through the SDXL ControlNet, and (class image, pose) pairs in stage 2.
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "tiny sdxl"], work)
+    out = run(["dvc", "exp", "run", "--temp", "-n", "xl-pose-paired", "-S", "generate_class_priors.pose_paired=true"],
+              work)  # fmt: skip
+    assert ran_stages(out.stdout) == STAGES[1:]
+    assert '"class_pairs": 4' in run(["dvc", "exp", "show", "--json"], work).stdout
+    gen = run([sys.executable, "-m", "posebooth", "generate", "a photo of {identifier} {class_noun}", "--pose",
+               "data/target_poses/t_pose.json", "--steps", "2", "--out", "gen"], work)  # fmt: skip
+    (path,) = gen.stdout.split()
+    assert Image.open(work / path).size == (32, 32)

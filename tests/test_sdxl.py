@@ -180,3 +180,22 @@ def test_methods_sdxl_does_not_support_stop_before_training():
         methods.check_supported("full", True, "embedded:tiny-sdxl")
     methods.check_supported("full", False, "embedded:tiny-sd15")
     methods.check_supported("textual_inversion", True, "embedded:tiny-sdxl")
+
+
+def test_common_vae_replaces_the_models_vae(tiny_xl, tmp_path):
+    """``common.vae``: a VAE-only folder (like madebyollin/sdxl-vae-fp16-fix, whose config says
+    ``force_upcast: false``) is used in place of the model's own, in training and in the pipelines."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_xl, subfolder="vae", use_safetensors=True, force_upcast=False)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)  # a visibly different decoder
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    own = load_components("embedded:tiny-sdxl")
+    comp = load_components("embedded:tiny-sdxl", vae=str(tmp_path / "vae"))
+    assert comp.vae.config.force_upcast is False and own.vae.config.force_upcast is True
+    pipe = sd_pipeline(comp, "ddim")
+    assert pipe.vae is comp.vae
+    assert np.abs(_image(pipe) - _image(sd_pipeline(own, "ddim"))).max() > 0.1
+    with pytest.raises(FileNotFoundError, match=r"VAE \(common.vae\) .* the folder has no config.json"):
+        load_components("embedded:tiny-sdxl", vae=str(tmp_path))
