@@ -14,15 +14,17 @@ Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels
 
 def crop_views(
     pixels: torch.Tensor, boxes: list[Box | None], n: int, min_scale: float, generator: torch.Generator
-) -> tuple[torch.Tensor, list[list[Box | None]]]:
+) -> tuple[torch.Tensor, list[list[Box | None]], list[list[tuple[int, int, int]]]]:
     """Each image as is plus ``n`` random square crops (side a uniform fraction in [min_scale, 1] of the
     image's, anywhere inside it) resized back to full size.
 
     ``pixels`` (N, 3, R, R) -> views (N, n + 1, 3, R, R), view 0 the image itself; ``boxes`` (a face box or
-    None per image) follow their image into each view, clipped to the crop (None when outside it).
+    None per image) follow their image into each view, clipped to the crop (None when outside it); and each
+    view's window (x, y, side) in its image (view 0: (0, 0, R)), from which SDXL's crop conditioning follows.
     """
     size = pixels.shape[-1]
     views, view_boxes = [pixels], [[b] for b in boxes]
+    windows = [[(0, 0, size)] for _ in boxes]
     for _ in range(n):
         side = (min_scale + (1 - min_scale) * torch.rand(len(pixels), generator=generator)) * size  # (N,)
         side = side.round().clamp(min=1)
@@ -36,8 +38,9 @@ def crop_views(
                 F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
             )
             view_boxes[i].append(_crop_box(boxes[i], x, y, s, size / s))
+            windows[i].append((x, y, s))
         views.append(torch.stack(crops))
-    return torch.stack(views, dim=1), view_boxes
+    return torch.stack(views, dim=1), view_boxes, windows
 
 
 def _crop_box(box: Box | None, x: int, y: int, side: int, scale: float) -> Box | None:

@@ -44,6 +44,34 @@ def time_ids(prepared: str | Path, names: list[str], resolution: int) -> torch.T
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def view_time_ids(
+    prepared: str | Path, names: list[str], resolution: int, windows: list[list[tuple[int, int, int]]]
+) -> torch.Tensor:
+    """SDXL's time ids (N, K, 2, 6) of each training view of each prepared image, as it is and mirrored.
+
+    A view is a window (x, y, side) of the prepared square, resized to ``resolution``: in the photo resized
+    to match, the crop's top-left moves by the window's offset and everything scales by resolution / side.
+    A mirrored view's crop is measured in the mirrored photo, as SDXL's training scripts flip before they
+    crop: left = (resized photo width) - left - resolution.
+    """
+    records = {r["name"]: r for r in read_json(Path(prepared) / "manifest.json")["images"]}
+    out = torch.zeros(len(names), len(windows[0]), 2, 6)
+    for i, name in enumerate(names):
+        record = records[name]
+        if "original_size" not in record:
+            raise ValueError(f"{prepared}/manifest.json: {name} has no original_size; re-run prepare_images")
+        (height, width), (top, left) = record["original_size"], record["crop_top_left"]
+        box = record["crop_box"]
+        photo_width = width * resolution / (box[2] - box[0])  # the photo resized so that the crop is R wide
+        for k, (x, y, side) in enumerate(windows[i]):
+            zoom = resolution / side
+            view_top, view_left = (top + y) * zoom, (left + x) * zoom
+            mirrored_left = max(0.0, photo_width * zoom - view_left - resolution)
+            for f, crop_left in enumerate((view_left, mirrored_left)):
+                out[i, k, f] = torch.tensor([height, width, round(view_top), round(crop_left), resolution, resolution])
+    return out
+
+
 def generated_time_ids(n: int, resolution: int) -> torch.Tensor:
     """SDXL's time ids (N, 6) of ``n`` images generated at ``resolution``: uncropped, at their own size."""
     return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * n, dtype=torch.float32)

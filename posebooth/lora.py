@@ -31,12 +31,22 @@ def add_unet_lora(unet, rank: int, alpha: float, target_modules: list[str]) -> l
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' DreamBooth LoRA scripts
 
 
-def add_text_encoder_lora(text_encoder, rank: int, alpha: float) -> list[torch.nn.Parameter]:
-    """A LoRA on the text encoder's attention projections (its own weights stay frozen)."""
+def add_text_encoder_lora(
+    text_encoder, rank: int, alpha: float, skip_last_layer: bool = False
+) -> list[torch.nn.Parameter]:
+    """A LoRA on the text encoder's attention projections (its own weights stay frozen). ``skip_last_layer``:
+    none on the last transformer layer, for SDXL's first text encoder, whose penultimate hidden state is all
+    SDXL reads (a LoRA there would never get a gradient, which DDP refuses)."""
     from peft import LoraConfig
 
     text_encoder.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS)
+    layers = {}
+    if skip_last_layer:
+        layers = dict(
+            layers_to_transform=list(range(text_encoder.config.num_hidden_layers - 1)), layers_pattern="layers"
+        )
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS,
+                        **layers)  # fmt: skip
     text_encoder.add_adapter(config)
     params = [p for p in text_encoder.parameters() if p.requires_grad]
     for p in params:

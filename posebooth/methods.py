@@ -147,7 +147,8 @@ def setup(phase: str, comp, t, identifier: str, class_noun: str) -> Trainable:
     if phase == "lora":
         groups = [{"params": add_unet_lora(unet, t.rank, t.alpha, t.target_modules), "lr": t.lr}]
         if t.train_text_encoder:  # (both encoders of SDXL)
-            lora = [p for encoder in comp.text_encoders for p in add_text_encoder_lora(encoder, t.rank, t.alpha)]
+            lora = [p for i, encoder in enumerate(comp.text_encoders)
+                    for p in add_text_encoder_lora(encoder, t.rank, t.alpha, skip_last_layer=comp.xl and i == 0)]  # fmt: skip
             groups.append({"params": lora, "lr": t.text_encoder_lr})
         return _trainable(comp, groups, t.train_text_encoder)
     if phase == "full":

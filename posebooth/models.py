@@ -53,13 +53,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def is_xl(ref: str) -> bool:
-    """Whether ``ref`` (hub id, folder or embedded) is an SDXL base: its model_index.json names a second
-    text encoder. Reads only that file."""
+    """Whether ``ref`` (hub id, folder or embedded) is an SDXL base, with a second text encoder: a local
+    folder's ``text_encoder_2/config.json``, or the hub model's model_index.json. Reads only that file."""
+    from pathlib import Path
+
     from diffusers import DiffusionPipeline
 
     path = embedded.resolve(ref)
-    if not embedded.is_embedded(ref):
-        hub.require(path, "model_index.json", "base model")
+    if Path(path).is_dir():  # a local folder (maybe assembled by hand, without model_index.json)
+        return (Path(path) / "text_encoder_2" / "config.json").exists()
+    hub.require(path, "model_index.json", "base model")
     try:
         return "text_encoder_2" in DiffusionPipeline.load_config(path)
     except OSError as err:
@@ -99,10 +102,14 @@ def load_components(ref: str, device: str = "cpu", precision: str = "fp32", vae:
             )
     except OSError as err:
         raise _offline_hint(ref, err) from err
-    if xl and dtype == torch.float16 and vae_model.config.force_upcast:
-        # SDXL's own VAE overflows in fp16 (its pipelines upcast it to decode): keep it fp32, as diffusers'
-        # SDXL training scripts do, unless common.vae names one made for fp16 (force_upcast false).
-        vae_model.to(torch.float32)
+    if vae:
+        own = AutoencoderKL.load_config(path, subfolder="vae")
+        for key in ("latent_channels", "scaling_factor"):
+            if own.get(key) != vae_model.config.get(key):
+                raise ValueError(
+                    f"common.vae: {vae!r} has {key} {vae_model.config.get(key)} but {ref!r}'s own VAE has "
+                    f'{own.get(key)}: it was made for another model; use one made for this base, or ""'
+                )
     for m in (text_encoder, vae_model, unet, *second.values()):
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False)
@@ -135,7 +142,7 @@ def check_controlnet_fits(controlnet, unet, key: str) -> None:
     have = (controlnet.config.cross_attention_dim, controlnet.config.addition_embed_type)
     if want != have:
         kind = "SDXL" if want[1] == "text_time" else "SD 1.5"
-        example = ("thibaud/controlnet-openpose-sdxl-1.0, or embedded:tiny-sdxl-openpose offline" if kind == "SDXL"
+        example = ("xinsir/controlnet-openpose-sdxl-1.0, or embedded:tiny-sdxl-openpose offline" if kind == "SDXL"
                    else "lllyasviel/control_v11p_sd15_openpose, or embedded:tiny-sd15-openpose offline")  # fmt: skip
         raise ValueError(
             f"{key}: the ControlNet (cross-attention width {have[0]}, added conditioning {have[1]}) does not fit the "
@@ -216,7 +223,14 @@ def added_conditions(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> d
 @torch.no_grad()
 def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) (the posterior's mean)."""
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if upcast:  # SDXL's own VAE overflows in fp16: encode in fp32 (its pipelines decode so too)
+        vae.to(torch.float32)
+    try:
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return latents * vae.config.scaling_factor
 
 

@@ -88,8 +88,15 @@ image = pipe("{trigger} on the beach").images[0]
     )
 
 
-def stage2_card(base_model: str, trigger: str, xl: bool = False) -> str:
+def stage2_card(base_model: str, trigger: str, xl: bool = False, controlnet_base: str | None = None) -> str:
+    """``controlnet_base``: with a ControlNet LoRA (``train_pose.mode: lora``), the ControlNet it goes on
+    (a hub id or folder, or ``models/stage2/controlnet_base``); None for a fully trained ControlNet."""
     pipeline = "StableDiffusionXLControlNetPipeline" if xl else "StableDiffusionControlNetPipeline"
+    if controlnet_base is None:
+        load = 'controlnet = ControlNetModel.from_pretrained("models/stage2/controlnet")'
+    else:
+        load = (f'controlnet = ControlNetModel.from_pretrained("{controlnet_base}")\n'
+                'controlnet.load_lora_adapter("models/stage2/controlnet_lora", prefix=None)  # the trained LoRA')  # fmt: skip
     return model_card(
         "posebooth pose ControlNet (stage 2)",
         base_model,
@@ -103,7 +110,7 @@ The ControlNet was trained with the stage-1 LoRA in the UNet: load both.
 from diffusers import ControlNetModel, {pipeline}
 from PIL import Image
 
-controlnet = ControlNetModel.from_pretrained("models/stage2/controlnet")
+{load}
 pipe = {pipeline}.from_pretrained("{base_model}", controlnet=controlnet)
 pipe.load_lora_weights("models/stage1")
 pose_map = Image.open("samples/poses/standing.png")  # OpenPose skeleton on black

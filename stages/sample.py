@@ -63,7 +63,8 @@ def main() -> None:
     # Resumable: each finished batch is kept in a cache keyed by everything that makes the images (params, the
     # trained models, the target poses), so a re-run after an interruption makes only the rest.
     inputs = [args.stage1, args.stage2, args.target_poses] + ([args.loras] if extras else [])
-    key = checkpoints.fingerprint(cfg.as_dict() | {"model": weights_fingerprint(c.model)}, inputs)
+    weights = {"model": weights_fingerprint(c.model), "vae": weights_fingerprint(c.vae) if c.vae else ""}
+    key = checkpoints.fingerprint(cfg.as_dict() | weights, inputs)
     cache = image_cache.cache_dir(key, "samples")
     image_bytes = len(jobs) * len(s.seeds) * 3 * c.resolution**2
     outputs.require_free_space({cache: image_bytes, args.out: image_bytes}, "sample")

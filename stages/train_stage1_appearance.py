@@ -73,7 +73,9 @@ def main() -> None:
         log.info("face-region loss: a face in %d of %d photos%s", found, len(faces),
                  "" if found else "; none found, so the face term is off (train.face_loss_weight has no effect)")  # fmt: skip
     # Training views, made once from the seed: each photo and train.random_crops zoomed crops of it.
-    views, view_boxes = augment.crop_views(instance_pixels, faces, t.random_crops, t.random_crop_scale, generator)
+    views, view_boxes, windows = augment.crop_views(
+        instance_pixels, faces, t.random_crops, t.random_crop_scale, generator
+    )
     n_images, n_views = views.shape[:2]
 
     comp = load_components(c.model, c.device, c.precision, c.vae)
@@ -89,9 +91,9 @@ def main() -> None:
     masks = torch.stack([torch.stack([augment.box_mask(b, c.resolution, h) for b in boxes]) for boxes in view_boxes])
     loss_maps = 1 + t.face_loss_weight * masks  # (N, K, 1, h, w): 1 outside faces
     use_loss_maps = bool(masks.any())
-    # SDXL's size and crop conditioning: each photo's own (recorded by prepare_images; its zoomed views and
-    # mirror images keep it), class images' generated size. None for SD 1.5.
-    instance_time_ids = data.time_ids(args.prepared, names, c.resolution) if xl else None
+    # SDXL's size and crop conditioning: of each view, as it is and mirrored, from the photo's original size
+    # and crop recorded by prepare_images (N, K, 2, 6); class images: their generated size. None for SD 1.5.
+    instance_time_ids = data.view_time_ids(args.prepared, names, c.resolution, windows) if xl else None
     class_time_ids = data.generated_time_ids(t.batch_size, c.resolution) if xl else None
     identifier = check_identifier(comp.tokenizer, c.identifier)
     for warning in identifier["warnings"]:
@@ -167,6 +169,7 @@ def main() -> None:
                         idx = shard.indices(n_images, b, generator)
                         view = shard.indices(n_views, b, generator) if n_views > 1 else torch.zeros(b, dtype=torch.long)
                         latents, loss_map = view_latents[idx, view], loss_maps[idx, view]  # (B, 4, h, w), (B, 1, h, w)
+                        flip = torch.zeros(b, 1, 1, 1, dtype=torch.bool)
                         if flipped_latents is not None:
                             flip = (shard.rand(b, generator) < t.flip_prob).view(-1, 1, 1, 1)
                             latents = torch.where(flip, flipped_latents[idx, view], latents)
@@ -189,7 +192,7 @@ def main() -> None:
                             if with_prior:
                                 encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
                                 pooled = torch.cat([pooled, class_pooled.expand(b, -1)]) if xl else None
-                        ids_time = instance_time_ids[idx] if xl else None  # SDXL: (B or 2B, 6)
+                        ids_time = instance_time_ids[idx, view, flip.view(-1).long()] if xl else None  # (B, 6)
                         if xl and with_prior:
                             ids_time = torch.cat([ids_time, class_time_ids])
                         noisy_latents, noise, timesteps = add_noise(

@@ -73,7 +73,8 @@ def main() -> None:
     )  # full: stage 1's own
     unet, scheduler = comp.unet, comp.noise_scheduler
     # The ControlNet first: from_unet fails on a UNet that already carries a PEFT LoRA. It trains in fp32.
-    controlnet = load_controlnet(t.controlnet, unet, c.device)
+    # (mode lora: the frozen base runs in common.precision, its LoRA stays fp32; full: all of it trains in fp32)
+    controlnet = load_controlnet(t.controlnet, unet, c.device, c.precision if t.mode == "lora" else "fp32")
     check_controlnet_fits(controlnet, unet, "train_pose.controlnet")
     subject.load_into(sd_pipeline(comp, "ddim"), args.stage1)  # the stage-1 identity (UNet, text encoder)...
     unet.requires_grad_(False)  # ... frozen
@@ -84,6 +85,9 @@ def main() -> None:
     prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c), ""]
     embeddings, pooled_all = encode_text(comp, prompts)  # (3, 77, D); SDXL: pooled (3, P), else None
     instance_emb, class_emb, empty_emb = embeddings.chunk(3)
+    if c.device != "cpu":  # the text encoders' work is done: free their GPU memory (SDXL's take 1.6 GB in fp16)
+        for encoder in comp.text_encoders:
+            encoder.to("cpu")
     # SDXL's added conditioning: pooled prompt embeddings and time ids (instance photos' recorded sizes and
     # crops; class images' generated size). Nothing for SD 1.5.
     if comp.xl:
@@ -213,7 +217,16 @@ def main() -> None:
                     cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
                     stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],
                 ))  # fmt: skip
-                (tmp / "README.md").write_text(provenance.stage2_card(c.model, prompts[0], comp.xl))
+                (tmp / "README.md").write_text(
+                    provenance.stage2_card(
+                        c.model,
+                        prompts[0],
+                        comp.xl,
+                        None
+                        if t.mode == "full"
+                        else ("models/stage2/controlnet_base" if base is not None else t.controlnet),
+                    )
+                )  # fmt: skip)
                 drop_local_paths(tmp)
             steplog.close()
             checkpoints.remove(ckpt)

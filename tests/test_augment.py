@@ -15,9 +15,9 @@ from tests.conftest import ROOT
 
 def test_crop_views_are_deterministic_for_a_seed_and_keep_view_zero():
     pixels = torch.rand(3, 3, 32, 32) * 2 - 1
-    a, _ = augment.crop_views(pixels, [None] * 3, 4, 0.5, torch.Generator().manual_seed(0))
-    b, _ = augment.crop_views(pixels, [None] * 3, 4, 0.5, torch.Generator().manual_seed(0))
-    c, _ = augment.crop_views(pixels, [None] * 3, 4, 0.5, torch.Generator().manual_seed(1))
+    a, _, _ = augment.crop_views(pixels, [None] * 3, 4, 0.5, torch.Generator().manual_seed(0))
+    b, _, _ = augment.crop_views(pixels, [None] * 3, 4, 0.5, torch.Generator().manual_seed(0))
+    c, _, _ = augment.crop_views(pixels, [None] * 3, 4, 0.5, torch.Generator().manual_seed(1))
     assert a.shape == (3, 5, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a[:, 0], pixels)  # view 0 is the image itself
     assert all(not torch.equal(a[:, k], pixels) for k in range(1, 5))
@@ -26,7 +26,7 @@ def test_crop_views_are_deterministic_for_a_seed_and_keep_view_zero():
 def test_no_crops_draw_no_random_numbers():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
-    views, boxes = augment.crop_views(torch.zeros(2, 3, 8, 8), [None, (1, 1, 4, 4)], 0, 0.8, g)
+    views, boxes, _ = augment.crop_views(torch.zeros(2, 3, 8, 8), [None, (1, 1, 4, 4)], 0, 0.8, g)
     assert views.shape == (2, 1, 3, 8, 8) and boxes == [[None], [(1, 1, 4, 4)]]
     assert torch.equal(g.get_state(), state)  # runs without crops train exactly as before
 
@@ -36,7 +36,7 @@ def test_a_crop_is_a_zoom_and_the_face_box_follows_it():
     # cover the white square's new place.
     pixels = -torch.ones(1, 3, 64, 64)
     pixels[:, :, 20:36, 24:40] = 1.0
-    views, boxes = augment.crop_views(pixels, [(24, 20, 40, 36)], 6, 0.6, torch.Generator().manual_seed(3))
+    views, boxes, _ = augment.crop_views(pixels, [(24, 20, 40, 36)], 6, 0.6, torch.Generator().manual_seed(3))
     for k in range(1, 7):
         box = boxes[0][k]
         white = (views[0, k, 0] > 0).nonzero()

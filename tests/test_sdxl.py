@@ -199,3 +199,51 @@ def test_common_vae_replaces_the_models_vae(tiny_xl, tmp_path):
     assert np.abs(_image(pipe) - _image(sd_pipeline(own, "ddim"))).max() > 0.1
     with pytest.raises(FileNotFoundError, match=r"VAE \(common.vae\) .* the folder has no config.json"):
         load_components("embedded:tiny-sdxl", vae=str(tmp_path))
+
+
+def test_a_vae_made_for_another_model_is_refused(tiny_xl, tiny_sd):
+    with pytest.raises(ValueError, match=r"common.vae: .* has scaling_factor 0.18215 but 'embedded:tiny-sdxl'"):
+        load_components("embedded:tiny-sdxl", vae=f"{tiny_sd}/vae")
+
+
+def test_sdxl_in_fp16_with_its_own_vae_encodes_and_generates(tiny_xl):
+    """SDXL's own VAE (force_upcast) stays fp16 in the pipelines, which decode in fp32, and encodes the
+    training images in fp32; the fp16 weights run on CPU too."""
+    from posebooth.models import encode_images
+
+    comp = load_components("embedded:tiny-sdxl", precision="fp16")
+    assert comp.vae.dtype == torch.float16 and comp.vae.config.force_upcast
+    latents = encode_images(comp.vae, torch.rand(2, 3, SIZE, SIZE) * 2 - 1)
+    assert latents.dtype == torch.float32 and torch.isfinite(latents).all() and comp.vae.dtype == torch.float16
+    reference = encode_images(load_components("embedded:tiny-sdxl").vae, torch.zeros(1, 3, SIZE, SIZE))
+    assert torch.allclose(encode_images(comp.vae, torch.zeros(1, 3, SIZE, SIZE)), reference, atol=2e-2)
+    image = _image(sd_pipeline(comp, "ddim"))
+    assert image.shape == (SIZE, SIZE, 3) and np.isfinite(image).all()
+
+
+def test_time_ids_of_zoomed_and_mirrored_views(tmp_path):
+    """A 300x200 photo, centre crop (50 px cut on each side), 32 px: resized photo 48 px wide, crop left 8."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (300, 200), (90, 40, 20)).save(photos / "a.png")
+    kept, _ = prepare_folder(photos, SIZE, 1, crop="centre")
+    outputs.write_json(tmp_path / "manifest.json", {"images": [kept[0].record]})
+    windows = [[(0, 0, SIZE), (0, 8, 16)]]  # the image; its 16 px window at x 0, y 8 (zoom 2)
+    ids = data.view_time_ids(tmp_path, [kept[0].record["name"]], SIZE, windows)
+    assert ids.shape == (1, 2, 2, 6)
+    assert ids[0, 0, 0].tolist() == [200, 300, 0, 8, 32, 32]
+    assert ids[0, 0, 1].tolist() == [200, 300, 0, 8, 32, 32]  # a centred crop mirrors onto itself
+    assert ids[0, 1, 0].tolist() == [200, 300, 16, 16, 32, 32]  # (0 + 8) x 2, (8 + 0) x 2
+    assert ids[0, 1, 1].tolist() == [200, 300, 16, 48, 32, 32]  # 96 px wide at zoom 2: 96 - 16 - 32
+    assert torch.equal(ids[:, 0, 0], data.time_ids(tmp_path, [kept[0].record["name"]], SIZE))
+
+
+def test_the_first_text_encoders_last_layer_gets_no_lora(tiny_xl):
+    """SDXL reads the first encoder's penultimate hidden state only: a LoRA on its last layer would never
+    learn (and DDP stops on parameters without gradients)."""
+    comp = load_components("embedded:tiny-sdxl")
+    tr = methods.setup("lora", comp, train_cfg(method="lora", train_text_encoder=True), "sks", "robot")
+    last = comp.text_encoder.config.num_hidden_layers - 1
+    te1 = {n for n in tr.named if n.startswith("text_encoder.")}
+    assert te1 and not any(f"layers.{last}." in n for n in te1)
+    assert any(f"layers.{last}." in n for n in tr.named if n.startswith("text_encoder_2."))
