@@ -51,15 +51,23 @@ def test_noise_of_one_process_is_what_it_always_was_and_ranks_differ():
 
 
 @pytest.mark.slow
-def test_both_training_stages_on_two_processes_through_dvc(tmp_path, tiny_sd):
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_both_training_stages_on_two_processes_through_dvc(tmp_path, tiny_sd, base):
     """`common.train_launcher: accelerate launch --multi_gpu --num_processes 2` (two CPU processes with
-    gloo here; GPUs, nodes, DeepSpeed or FSDP on a real machine come from `accelerate config`)."""
+    gloo here; GPUs, nodes, DeepSpeed or FSDP on a real machine come from `accelerate config`). On SDXL with
+    LoRAs on both text encoders too: DDP stops on any trainable parameter that gets no gradient."""
     from posebooth import embedded
     from tests.workspace import git_init, workspace
 
     ws, env = workspace(tmp_path, "M", str(embedded.cache_root()))
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["common"]["train_launcher"] = "accelerate launch --multi_gpu --num_processes 2 --num_machines 1"
+    if base == "sdxl":
+        params["common"]["model"] = "embedded:tiny-sdxl"
+        params["generate_class_priors"]["controlnet"] = params["train_pose"]["controlnet"] = (
+            "embedded:tiny-sdxl-openpose"
+        )
+        params["train"]["train_text_encoder"] = True
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_init(ws, env)
     proc = subprocess.run(["dvc", "repro", "train_stage2_pose"], cwd=ws, env=env, capture_output=True, text=True,
