@@ -32,16 +32,9 @@ def instance_images(prepared: str | Path, resolution: int) -> tuple[list[str], t
 
 
 def time_ids(prepared: str | Path, names: list[str], resolution: int) -> torch.Tensor:
-    """SDXL's time ids (N, 6) of the prepared images ``names``: (original height, width, crop top, left,
-    target height, width), from what prepare_images recorded of each photo."""
-    records = {r["name"]: r for r in read_json(Path(prepared) / "manifest.json")["images"]}
-    rows = []
-    for name in names:
-        record = records[name]
-        if "original_size" not in record:
-            raise ValueError(f"{prepared}/manifest.json: {name} has no original_size; re-run prepare_images")
-        rows.append([*record["original_size"], *record["crop_top_left"], resolution, resolution])
-    return torch.tensor(rows, dtype=torch.float32)
+    """SDXL's time ids (N, 6) of the prepared images ``names`` as they are: (original height, width, crop top,
+    left, target height, width), from what prepare_images recorded of each photo."""
+    return view_time_ids(prepared, names, resolution, [[(0, 0, resolution)]] * len(names))[:, 0, 0]
 
 
 def view_time_ids(

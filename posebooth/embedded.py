@@ -109,10 +109,34 @@ def _clip_tokenizer(folder: Path):
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
+def _tiny_vae(**config):
+    """The tiny 8x VAE (four blocks, three downsamplings, like SD's) of both tiny pipelines."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        **config,
+    )
+
+
+def _save(out: Path, pipe, controlnet) -> None:
+    """A tiny pipeline as a diffusers folder, its ControlNet in ``controlnet/``; the tokenizer sources go."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+
+
 def build_tiny_sd15(out: Path) -> None:
     """A tiny Stable Diffusion 1.5 architecture: 8x VAE (four blocks), cross-attention UNet, CLIP text encoder."""
     from diffusers import (
-        AutoencoderKL,
         ControlNetModel,
         DDPMScheduler,
         StableDiffusionPipeline,
@@ -125,17 +149,7 @@ def build_tiny_sd15(out: Path) -> None:
     text_encoder = CLIPTextModel(
         CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=32, **TINY_TOWER)
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: 8x like SD's VAE
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = _tiny_vae()
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -169,9 +183,7 @@ def build_tiny_sd15(out: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
-    shutil.rmtree(out / "_tok")
+    _save(out, pipe, controlnet)
 
 
 def build_tiny_sdxl(out: Path) -> None:
@@ -179,7 +191,6 @@ def build_tiny_sdxl(out: Path) -> None:
     giving the pooled embedding), ``text_time`` added conditioning, 8x VAE with SDXL's scaling factor, and
     its ControlNet (made from the UNet, like the SDXL OpenPose ControlNets' layout)."""
     from diffusers import (
-        AutoencoderKL,
         ControlNetModel,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
@@ -196,18 +207,7 @@ def build_tiny_sdxl(out: Path) -> None:
     text_encoder_2 = CLIPTextModelWithProjection(  # OpenCLIP ViT-bigG's place (1280 wide)
         CLIPTextConfig(**tower, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,  # SDXL's
-    )
+    vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -241,9 +241,7 @@ def build_tiny_sdxl(out: Path) -> None:
         scheduler=scheduler,
         add_watermarker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
-    shutil.rmtree(out / "_tok")
+    _save(out, pipe, controlnet)
 
 
 def build_tiny_clip(out: Path) -> None:
