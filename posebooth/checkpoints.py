@@ -3,7 +3,8 @@
 DVC deletes a stage's outputs before it runs the stage again, so checkpoints live in
 ``$POSEBOOTH_CACHE/checkpoints/<stage>/<key>/``, where the key hashes the stage's params and the bytes
 of its inputs: a checkpoint is only ever resumed by the same training. A checkpoint holds the whole
-state (trainable weights, optimizer state, lr-scheduler state, the training RNG, the step) as
+state (trainable weights, optimizer state, lr-scheduler state, the fp16 gradient scaler's state, the training
+RNG, the step) as
 safetensors and JSON, nothing pickled; it is written atomically and removed once training completes.
 """
 
@@ -63,9 +64,12 @@ def save(
     generator,
     history: list,
     images: Path | None = None,
+    scaler=None,
 ) -> None:
     """Write the whole training state after ``step`` optimizer steps (with the logged ``history`` of
-    per-step values and the ``images`` logged so far, so the plots survive too), replacing any older one."""
+    per-step values and the ``images`` logged so far, so the plots survive too), replacing any older one.
+    ``scaler``: fp16's gradient scaler (``accelerator.scaler``; None without one), whose loss scale and growth
+    tracker decide the next steps' updates, so a resumed fp16 run goes on exactly."""
     from safetensors.torch import save_file
 
     opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
@@ -77,12 +81,16 @@ def save(
             shutil.copytree(images, tmp / "images")
         outputs.write_json(tmp / "state.json", {
             "step": step, "optimizer": opt_rest, "lr_scheduler": lr_scheduler.state_dict(), "history": history,
+            "scaler": scaler.state_dict() if scaler is not None else None,
         })  # fmt: skip
     outputs.failpoint("checkpoint-saved")
 
 
-def load(folder: Path, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler, generator) -> tuple[int, list]:
-    """Restore a checkpoint into the live objects; returns (optimizer steps already done, logged history)."""
+def load(
+    folder: Path, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler, generator, scaler=None
+) -> tuple[int, list]:
+    """Restore a checkpoint into the live objects (and fp16's gradient ``scaler``, when there is one); returns
+    (optimizer steps already done, logged history)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / "trainable.safetensors"))
@@ -95,6 +103,8 @@ def load(folder: Path, trainable: dict[str, torch.Tensor], optimizer, lr_schedul
     opt_tensors = {k: v for k, v in load_file(str(folder / "optimizer.safetensors")).items() if k != "_empty"}
     optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     generator.set_state(load_file(str(folder / "rng.safetensors"))["generator"])
     return int(state["step"]), state["history"]
 

@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from posebooth import config, outputs
 
 log = logging.getLogger("posebooth")
@@ -23,7 +25,7 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 def _generate(args: argparse.Namespace) -> None:
     from posebooth import subject
-    from posebooth.generation import generate
+    from posebooth.generation import chunks, generate
     from posebooth.models import SCHEDULER_CLASSES, load_components
     from posebooth.poses import load_pose, render_pose
 
@@ -51,12 +53,15 @@ def _generate(args: argparse.Namespace) -> None:
         resolution=c.resolution,
         negative_prompt=s.negative_prompt if args.negative_prompt is None else args.negative_prompt,
     )
-    if pose is None:
-        images = generate(free, prompt, seeds, **kwargs)
-    else:
+    if pose is not None:
         scale = s.conditioning_scale if args.conditioning_scale is None else args.conditioning_scale
-        images = generate(posed, prompt, seeds, control_image=render_pose(pose, c.resolution, cfg.extract_poses.render_size),
-                          conditioning_scale=scale, **kwargs)  # fmt: skip
+        kwargs |= dict(control_image=render_pose(pose, c.resolution, cfg.extract_poses.render_size),
+                       conditioning_scale=scale)  # fmt: skip
+    # --batch-size images per pipeline call (each image has its own seeded generator, so batching does not
+    # change them): all --num-images at once would not fit a GPU
+    images = []
+    for batch in tqdm(list(chunks(seeds, args.batch_size or s.batch_size)), desc="generate", unit="batch"):
+        images += generate(free if pose is None else posed, prompt, batch, **kwargs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60]
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--pose", help="keypoint JSON of the target pose (OpenPose-18); none: no ControlNet")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=None, help="images per pipeline call; default: sample.batch_size")
     g.add_argument("--negative-prompt", default=None, help="default: sample.negative_prompt")
     g.add_argument("--scheduler", default=None, help="default: sample.scheduler")
     g.add_argument("--steps", type=int, default=None, help="default: sample.steps")
@@ -160,9 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("profile", help="sd15, test, or a path to a .yaml file")
     p.set_defaults(func=_use_profile)
     args = ap.parse_args(argv)
-    if getattr(args, "num_images", 1) < 1 or (getattr(args, "steps", None) or 1) < 1:
-        ap.error("--num-images and --steps must be at least 1")
-    outputs.run_stage(lambda: args.func(args))
+    counts = [getattr(args, "num_images", 1), getattr(args, "steps", None) or 1, getattr(args, "batch_size", None) or 1]
+    if min(counts) < 1:
+        ap.error("--num-images, --batch-size and --steps must be at least 1")
+    outputs.run_stage(lambda: args.func(args), f"posebooth {args.command}")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ class Optimisation:
     snr_gamma: float = _nonneg()  # min-SNR-γ loss weighting; 0 = off (5.0 is the paper's choice)
     noise_offset: float = _nonneg()  # offset noise; 0 = off
     checkpoint_every: int = _nonneg()  # optimizer steps between resumable checkpoints; 0 = none
+    vae_batch_size: int = _rng(1)  # images per VAE encode call before training (photos, class images); lower on OOM
 
 
 @dataclass(frozen=True)

@@ -210,12 +210,12 @@ def _one_row_trainable(comp, t, identifier: str, class_noun: str, encoder: int =
     weight.data = weight.data.float()
     weight.requires_grad_(True)
     original = weight.detach().clone()
-    keep = torch.ones(len(original), dtype=torch.bool)
+    keep = torch.ones(len(original), 1, dtype=torch.bool, device=weight.device)  # (V, 1): rows to put back
     keep[token] = False
 
-    def restore() -> None:
+    def restore() -> None:  # one dense op on the embedding's device (a boolean-mask copy syncs a GPU)
         with torch.no_grad():
-            weight[keep] = original[keep]
+            weight.copy_(torch.where(keep, original, weight))
 
     return _TokenRow(weight, restore)
 
@@ -288,7 +288,10 @@ def save(method: str, comp, folder: Path, t, identifier: str) -> list[Path]:
     if method == "full":
         from posebooth.models import sd_pipeline
 
-        pipe = sd_pipeline(comp, "ddpm")  # the model's training schedule, as from_config of its own
+        pipe = sd_pipeline(comp, "ddpm")
+        # the base model's own sampling scheduler (SD 1.5: PNDM), as train_dreambooth.py keeps it, so that
+        # from_pretrained(models/stage1) samples as the base did, not with 1000-step DDPM
+        pipe.register_modules(scheduler=comp.base_scheduler)
         pipe.save_pretrained(str(folder), safe_serialization=True)
         files.append(folder / "model_index.json")
     return files

@@ -29,6 +29,7 @@ class Components:
     ref: str
     tokenizer_2: object = None  # SDXL only: its second tokenizer and text encoder (with projection)
     text_encoder_2: torch.nn.Module | None = None
+    base_scheduler: object = None  # the model's own sampling scheduler (SD 1.5: PNDM), what a saved pipeline keeps
 
     @property
     def xl(self) -> bool:
@@ -92,6 +93,7 @@ def load_components(ref: str, device: str = "cpu", precision: str = "fp32", vae:
         )  # fmt: skip
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        base_scheduler = _own_scheduler(path)
         second = {}
         if xl:
             second = dict(
@@ -115,16 +117,35 @@ def load_components(ref: str, device: str = "cpu", precision: str = "fp32", vae:
             m.requires_grad_(False)
             m.eval()
             m.to(device)
-    return Components(tokenizer, text_encoder, vae_model, unet, noise_scheduler, ref, **second)
+    return Components(tokenizer, text_encoder, vae_model, unet, noise_scheduler, ref, **second,
+                      base_scheduler=base_scheduler)  # fmt: skip
 
 
-def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "fp32"):
-    """A ControlNet from ``ref`` or, for ``"from_unet"``, initialised from ``unet`` (which must carry no LoRA)."""
-    from diffusers import ControlNetModel
+def _own_scheduler(path: str):
+    """The scheduler class and settings the model folder ships (``scheduler/scheduler_config.json``)."""
+    import diffusers
+
+    name = diffusers.DDPMScheduler.load_config(path, subfolder="scheduler").get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"{path}/scheduler: unknown scheduler class {name!r} (not in diffusers)")
+    return cls.from_pretrained(path, subfolder="scheduler")
+
+
+def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "fp32", base: str = ""):
+    """A ControlNet from ``ref`` or, for ``"from_unet"``, initialised from ``unet`` (which must carry no LoRA).
+
+    ``from_unet`` with a half-precision ``unet``: the ControlNet is made from the base model's UNet as stored
+    (``base``, loaded again in fp32), so that it starts from the exact weights, not fp16-rounded ones."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
     if ref == "from_unet":
         if unet is None:
             raise ValueError("train_pose.controlnet: 'from_unet' needs the base UNet")
+        if unet.dtype != torch.float32 and base:
+            unet = UNet2DConditionModel.from_pretrained(
+                embedded.resolve(base), subfolder="unet", use_safetensors=True, torch_dtype=torch.float32
+            )
         return ControlNetModel.from_unet(unet).to(device, DTYPES[precision])
     if not embedded.is_embedded(ref):
         hub.require(ref, "config.json", "ControlNet")
@@ -220,18 +241,66 @@ def added_conditions(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> d
     return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype)}}
 
 
+@dataclass
+class Latents:
+    """Cached VAE posteriors of training images: the scaled mean and standard deviation, (..., 4, h, w) each.
+
+    The VAE is frozen, so each image is encoded once, before training; each step then draws its latents from
+    the cached posterior (``sample``), as a VAE encoder called at every step would (diffusers' DreamBooth
+    scripts call ``latent_dist.sample()``; their Flux script caches the distribution the same way).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, index) -> Latents:
+        return Latents(self.mean[index], self.std[index])
+
+    def unflatten(self, sizes: tuple[int, ...]) -> Latents:
+        """The first dimension split into ``sizes``."""
+        return Latents(self.mean.unflatten(0, sizes), self.std.unflatten(0, sizes))
+
+    def where(self, mask: torch.Tensor, other: Latents) -> Latents:
+        """``other`` where ``mask`` (broadcast, on the latents' device) is true, else these."""
+        return Latents(torch.where(mask, other.mean, self.mean), torch.where(mask, other.std, self.std))
+
+    def sample(self, generator: torch.Generator, rank_world: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """``mean + std * ε``, ε ~ N(0, I) from ``generator`` (on the CPU, so that a seed gives the same latents
+        on every device). Under ``accelerate launch`` every process draws the ε of all processes' batches and
+        keeps its own (see ``training.Shard``): the generators stay in step."""
+        rank, world = rank_world
+        eps = torch.randn((world, *self.mean.shape), generator=generator)[rank]
+        return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
+
+
 @torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) (the posterior's mean)."""
+def encode_posterior(vae, pixels: torch.Tensor, batch_size: int = 8) -> Latents:
+    """Pixels (B, 3, H, W) in [-1, 1] -> the VAE posterior (mean and std, scaled, (B, 4, H/8, W/8)), encoded
+    ``batch_size`` images at a time: a real VAE on a whole set of class images at once needs tens of GB."""
     upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
     if upcast:  # SDXL's own VAE overflows in fp16: encode in fp32 (its pipelines decode so too)
         vae.to(torch.float32)
+    means, stds = [], []
     try:
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        for start in range(0, len(pixels), batch_size):
+            dist = vae.encode(pixels[start : start + batch_size].to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
     finally:
         if upcast:
             vae.to(torch.float16)
-    return latents * vae.config.scaling_factor
+    scale = vae.config.scaling_factor
+    if not means:
+        return Latents(torch.empty(0), torch.empty(0))
+    return Latents(torch.cat(means) * scale, torch.cat(stds) * scale)
+
+
+def encode_images(vae, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8): the posterior's mean."""
+    return encode_posterior(vae, pixels, batch_size).mean
 
 
 def sd_pipeline(comp: Components, scheduler_name: str, controlnet=None):

@@ -245,18 +245,56 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def run_stage(main: Callable[[], None]) -> None:
+# What lowers a stage's GPU memory, by the params section it reads: named in the out-of-memory message.
+MEMORY_SAVERS = {
+    "train": ["train.gradient_checkpointing: true", "train.optimizer: adamw_8bit", "a lower train.batch_size "
+              "(with train.gradient_accumulation_steps to keep the effective batch)", "common.precision: fp16 or bf16",
+              "a lower train.vae_batch_size"],
+    "train_pose": ["train_pose.gradient_checkpointing: true", "train_pose.optimizer: adamw_8bit",
+                   "train_pose.mode: lora", "a lower train_pose.batch_size", "common.precision: fp16 or bf16",
+                   "a lower train_pose.vae_batch_size"],
+    "sample": ["sample.cpu_offload: true", "a lower sample.batch_size", "common.precision: fp16 or bf16"],
+    "generate_class_priors": ["a lower generate_class_priors.batch_size", "common.precision: fp16 or bf16"],
+    "posebooth generate": ["a lower --batch-size", "--cpu-offload", "common.precision: fp16 or bf16"],
+}  # fmt: skip
+STAGE_SECTIONS = {"train_stage1_appearance": "train", "train_stage2_pose": "train_pose"}
+
+
+def cuda_memory() -> tuple[int, int] | None:
+    """(total bytes of the current CUDA device, the most this process had allocated on it), or None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    return torch.cuda.get_device_properties(device).total_memory, torch.cuda.max_memory_allocated(device)
+
+
+def out_of_memory_message(stage: str, memory: tuple[int, int] | None) -> str:
+    """The one line a stage ends with when the GPU runs out of memory: the stage, its memory, what to try."""
+    had = (f"the GPU has {memory[0] / 2**30:.1f} GiB and this stage had {memory[1] / 2**30:.1f} GiB allocated"
+           if memory else "GPU memory unknown")  # fmt: skip
+    savers = MEMORY_SAVERS.get(STAGE_SECTIONS.get(stage, stage), ["common.precision: fp16 or bf16"])
+    return f"{stage}: out of GPU memory ({had}); try {'; '.join(savers)} (dvc exp run -S key=value, or params.yaml)"
+
+
+def run_stage(main: Callable[[], None], name: str | None = None) -> None:
     """Run a stage's ``main``: bad input (``ValueError``, ``OSError``) ends it with the message and exit code 1.
 
     Those errors are written for users (they name the file or key and what to do), so the traceback is
-    shown only with ``POSEBOOTH_DEBUG=1``. SIGINT (Ctrl-C) and SIGTERM unwind like an error, so temporary
-    outputs are removed (exit codes 130 and 143); after SIGKILL the next run removes them.
+    shown only with ``POSEBOOTH_DEBUG=1``; so is running out of GPU memory, which ends the stage with one
+    line naming the memory it had and the params that lower it. SIGINT (Ctrl-C) and SIGTERM unwind like an
+    error, so temporary outputs are removed (exit codes 130 and 143); after SIGKILL the next run removes them.
     """
     setup_logging()
     forbid_unpickling()
     signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
+    except torch.OutOfMemoryError:
+        if os.environ.get("POSEBOOTH_DEBUG"):
+            raise
+        stage = name or Path(sys.argv[0]).stem  # stage scripts: stages/<stage>.py
+        logging.getLogger("posebooth").error("%s", out_of_memory_message(stage, cuda_memory()))
+        sys.exit(1)
     except KeyboardInterrupt:
         logging.getLogger("posebooth").error("interrupted; run the stage again to resume")
         sys.exit(130)

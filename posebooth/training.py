@@ -189,7 +189,11 @@ def prepare(models: list, params: list, t, device: str, precision: str, steps: i
             else:  # transformers
                 model.gradient_checkpointing_enable()
     optimizer = make_optimizer(params, t.lr, t.weight_decay, t.optimizer)
-    lr_scheduler = make_lr_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps, steps or t.steps)
+    # accelerate's scheduler wrapper steps the schedule once per process at each optimizer step (it assumes
+    # the batch grows with the processes), so the schedule is built N times longer, as diffusers' scripts do:
+    # step k of N processes then reads the single-process schedule's value at step k.
+    n = accelerator.num_processes
+    lr_scheduler = make_lr_scheduler(optimizer, t.lr_scheduler, t.lr_warmup_steps * n, (steps or t.steps) * n)
     *models, optimizer, lr_scheduler = accelerator.prepare(*models, optimizer, lr_scheduler)
     return accelerator, models, optimizer, lr_scheduler
 
@@ -233,6 +237,13 @@ def loss_and_step(
     losses = prior_preservation_loss(model_pred, target, t.prior_loss_weight, with_prior, weights)
     grad_norm = backward_and_step(accelerator, losses[0], params, optimizer, lr_scheduler, t.max_grad_norm)
     return torch.tensor([x.item() for x in losses]), grad_norm
+
+
+def reduce_losses(accelerator, totals: torch.Tensor) -> torch.Tensor:
+    """The mean over processes of this process's per-step ``totals`` (3,), on the CPU for logging.
+
+    The tensor goes to ``accelerator.device`` first: NCCL (several GPUs) reduces CUDA tensors only."""
+    return accelerator.reduce(totals.to(accelerator.device), "mean").cpu()
 
 
 def end_of_step(

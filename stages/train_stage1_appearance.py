@@ -30,7 +30,7 @@ from posebooth.models import (
     added_conditions,
     drop_local_paths,
     encode_ids,
-    encode_images,
+    encode_posterior,
     encode_text,
     is_xl,
     load_components,
@@ -77,20 +77,22 @@ def main() -> None:
         instance_pixels, faces, t.random_crops, t.random_crop_scale, generator
     )
     n_images, n_views = views.shape[:2]
+    use_loss_maps = any(box is not None for boxes in view_boxes for box in boxes)
 
     comp = load_components(c.model, c.device, c.precision, c.vae)
     unet, text_encoder, scheduler = comp.unet, comp.text_encoder, comp.noise_scheduler
-    # The VAE is frozen: latents are encoded once per view and mirror image, not at every step.
-    view_latents = encode_images(comp.vae, views.flatten(0, 1)).unflatten(0, (n_images, n_views))  # (N, K, 4, h, w)
+    # The VAE is frozen: each view and mirror image is encoded once (posterior mean and std, in chunks of
+    # train.vae_batch_size), and every step draws its latents from those posteriors.
+    flat = views.flatten(0, 1)  # (N * K, 3, R, R)
+    view_latents = encode_posterior(comp.vae, flat, t.vae_batch_size).unflatten((n_images, n_views))
     flipped_latents = (
-        encode_images(comp.vae, views.flatten(0, 1).flip(-1)).unflatten(0, (n_images, n_views))
+        encode_posterior(comp.vae, flat.flip(-1), t.vae_batch_size).unflatten((n_images, n_views))
         if t.flip_prob > 0 else None
     )  # fmt: skip
-    class_latents = encode_images(comp.vae, class_pixels) if with_prior else None
-    h = view_latents.shape[-1]
+    class_latents = encode_posterior(comp.vae, class_pixels, t.vae_batch_size) if with_prior else None
+    h = view_latents.mean.shape[-1]
     masks = torch.stack([torch.stack([augment.box_mask(b, c.resolution, h) for b in boxes]) for boxes in view_boxes])
-    loss_maps = 1 + t.face_loss_weight * masks  # (N, K, 1, h, w): 1 outside faces
-    use_loss_maps = bool(masks.any())
+    loss_maps = (1 + t.face_loss_weight * masks).to(c.device)  # (N, K, 1, h, w): 1 outside faces
     # SDXL's size and crop conditioning: of each view, as it is and mirrored, from the photo's original size
     # and crop recorded by prepare_images (N, K, 2, 6); class images: their generated size. None for SD 1.5.
     instance_time_ids = data.view_time_ids(args.prepared, names, c.resolution, windows) if xl else None
@@ -149,7 +151,9 @@ def main() -> None:
                 class_emb, class_pooled = encode_text(comp, [class_prompt])  # (1, 77, D), SDXL: (1, P)
             first = 0
             if (ckpts[phase] / "state.json").exists():
-                first, _ = checkpoints.load(ckpts[phase], tr.named, optimizer, lr_scheduler, generator)
+                first, _ = checkpoints.load(
+                    ckpts[phase], tr.named, optimizer, lr_scheduler, generator, accelerator.scaler
+                )
                 log.info("resuming %s from the checkpoint after step %d in %s", phase, first, ckpts[phase])
             validation = sd_pipeline(comp, "ddim")  # shares the modules being trained
             for model in models:
@@ -159,7 +163,7 @@ def main() -> None:
                                 accelerator=accelerator):  # fmt: skip
                 training.on_main_process(accelerator, lambda: checkpoints.save(
                     ckpts[phase], step, tr.named, optimizer, lr_scheduler, generator, steplog.history,
-                    steplog.images_dir,
+                    steplog.images_dir, accelerator.scaler,
                 ))  # fmt: skip
 
             for step in tqdm(range(first, steps), desc=f"stage 1 {phase}", unit="step", initial=first, total=steps):
@@ -168,17 +172,20 @@ def main() -> None:
                     with accelerator.accumulate(*models):
                         idx = shard.indices(n_images, b, generator)
                         view = shard.indices(n_views, b, generator) if n_views > 1 else torch.zeros(b, dtype=torch.long)
-                        latents, loss_map = view_latents[idx, view], loss_maps[idx, view]  # (B, 4, h, w), (B, 1, h, w)
-                        flip = torch.zeros(b, 1, 1, 1, dtype=torch.bool)
+                        posterior, loss_map = view_latents[idx, view], loss_maps[idx, view]  # (B, 4|1, h, w)
+                        flip = torch.zeros(b, dtype=torch.bool)  # (B,) on the CPU, like the indices
                         if flipped_latents is not None:
-                            flip = (shard.rand(b, generator) < t.flip_prob).view(-1, 1, 1, 1)
-                            latents = torch.where(flip, flipped_latents[idx, view], latents)
-                            loss_map = torch.where(flip, loss_map.flip(-1), loss_map)
+                            flip = shard.rand(b, generator) < t.flip_prob
+                            # on the latents' device: only a 0-dim CPU tensor may mix with CUDA tensors in an op
+                            flip_mask = flip.view(-1, 1, 1, 1).to(loss_map.device)
+                            posterior = posterior.where(flip_mask, flipped_latents[idx, view])
+                            loss_map = torch.where(flip_mask, loss_map.flip(-1), loss_map)
+                        latents = posterior.sample(generator, shard.rank_world)  # (B, 4, h, w)
                         chosen = shard.take(choose_variants(b * shard.world, len(templates), len(t.descriptive_words),
                                                             t.descriptive_prob, generator), b)  # fmt: skip
                         if with_prior:  # instance half first, then the class half: (2B, ...)
                             cidx = shard.indices(len(class_latents), b, generator)
-                            latents = torch.cat([latents, class_latents[cidx]])
+                            latents = torch.cat([latents, class_latents[cidx].sample(generator, shard.rank_world)])
                             loss_map = torch.cat([loss_map, torch.ones_like(loss_map)])
                         if tr.text_encoder_trains:  # prompts through the text encoder(s) being trained
                             ids = [v[chosen] for v in variant_ids]
@@ -192,7 +199,7 @@ def main() -> None:
                             if with_prior:
                                 encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
                                 pooled = torch.cat([pooled, class_pooled.expand(b, -1)]) if xl else None
-                        ids_time = instance_time_ids[idx, view, flip.view(-1).long()] if xl else None  # (B, 6)
+                        ids_time = instance_time_ids[idx, view, flip.long()] if xl else None  # (B, 6)
                         if xl and with_prior:
                             ids_time = torch.cat([ids_time, class_time_ids])
                         noisy_latents, noise, timesteps = add_noise(
@@ -209,13 +216,15 @@ def main() -> None:
                         if accelerator.sync_gradients:
                             tr.after_step()  # textual inversion: every other embedding row back
                         totals += step_losses
-                totals = accelerator.reduce(totals, "mean")  # over processes
+                totals = training.reduce_losses(accelerator, totals)  # the mean over processes
                 if accelerator.is_main_process and t.validation_every and (done + step + 1) % t.validation_every == 0:
                     for model in models:
                         model.eval()
                     for i, prompt in enumerate(validation_prompts):
-                        (image,) = generate(validation, prompt, [c.seed], steps=t.validation_steps,
-                                            guidance_scale=5.0, resolution=c.resolution)  # fmt: skip
+                        # under autocast: the prepared UNet returns fp32, which a half-precision VAE rejects
+                        with accelerator.autocast():
+                            (image,) = generate(validation, prompt, [c.seed], steps=t.validation_steps,
+                                                guidance_scale=5.0, resolution=c.resolution)  # fmt: skip
                         steplog.image(f"validation/{i}_step_{done + step + 1:05d}.png", image)
                     for model in models:
                         model.train()

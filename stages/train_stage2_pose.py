@@ -26,10 +26,11 @@ from posebooth import checkpoints, config, data, outputs, provenance, subject, t
 from posebooth.diffusion import add_noise
 from posebooth.lora import add_controlnet_lora, save_controlnet_lora, save_unet_lora
 from posebooth.models import (
+    DTYPES,
     added_conditions,
     check_controlnet_fits,
     drop_local_paths,
-    encode_images,
+    encode_posterior,
     encode_text,
     load_components,
     load_controlnet,
@@ -72,16 +73,23 @@ def main() -> None:
         subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae
     )  # full: stage 1's own
     unet, scheduler = comp.unet, comp.noise_scheduler
+    weight_dtype = DTYPES[c.precision]  # of the frozen weights
     # The ControlNet first: from_unet fails on a UNet that already carries a PEFT LoRA. It trains in fp32.
     # (mode lora: the frozen base runs in common.precision, its LoRA stays fp32; full: all of it trains in fp32)
-    controlnet = load_controlnet(t.controlnet, unet, c.device, c.precision if t.mode == "lora" else "fp32")
+    # from_unet copies the base UNet's weights as stored (fp32), not the half-precision ones loaded here.
+    controlnet = load_controlnet(
+        t.controlnet, unet, c.device, c.precision if t.mode == "lora" else "fp32",
+        base=subject.base_model(args.stage1, c.model),
+    )  # fmt: skip
     check_controlnet_fits(controlnet, unet, "train_pose.controlnet")
     subject.load_into(sd_pipeline(comp, "ddim"), args.stage1)  # the stage-1 identity (UNet, text encoder)...
     unet.requires_grad_(False)  # ... frozen
     for encoder in comp.text_encoders:
         encoder.requires_grad_(False)
-    latents_all = encode_images(comp.vae, pixels)  # (N, 4, R/8, R/8), encoded once (frozen VAE)
-    class_latents = encode_images(comp.vae, class_pixels) if with_prior else None
+    # Encoded once (frozen VAE), in chunks of train_pose.vae_batch_size: posterior mean and std (N, 4, R/8, R/8)
+    # each; every step draws its latents from them.
+    latents_all = encode_posterior(comp.vae, pixels, t.vae_batch_size)
+    class_latents = encode_posterior(comp.vae, class_pixels, t.vae_batch_size) if with_prior else None
     prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c), ""]
     embeddings, pooled_all = encode_text(comp, prompts)  # (3, 77, D); SDXL: pooled (3, P), else None
     instance_emb, class_emb, empty_emb = embeddings.chunk(3)
@@ -140,7 +148,7 @@ def main() -> None:
     outputs.require_free_space({ckpt: 3 * weights, args.out: saved}, "train_stage2_pose")
     first, history = 0, []
     if (ckpt / "state.json").exists():
-        first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator)
+        first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator, accelerator.scaler)
         log.info("resuming from the checkpoint after step %d in %s", first, ckpt)
     steplog = StepLog(args.metrics, args.plots, history) if accelerator.is_main_process else training.NullLog()
     shard = training.Shard(accelerator)  # this process's slice of each global batch
@@ -149,7 +157,7 @@ def main() -> None:
 
     def save_checkpoint(done: int) -> None:
         training.on_main_process(accelerator, lambda: checkpoints.save(
-            ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history
+            ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history, scaler=accelerator.scaler
         ))  # fmt: skip
 
     start = time.perf_counter()
@@ -158,14 +166,15 @@ def main() -> None:
             totals = torch.zeros(3)
             for _micro in range(t.gradient_accumulation_steps):
                 with accelerator.accumulate(*models):
-                    idx = shard.indices(len(latents_all), b, generator)
-                    latents, controlnet_cond = latents_all[idx], conds[idx]  # (B, 4, h, w), (B, 3, R, R)
+                    idx = shard.indices(len(names), b, generator)
+                    latents = latents_all[idx].sample(generator, shard.rank_world)  # (B, 4, h, w)
+                    controlnet_cond = conds[idx]  # (B, 3, R, R) in [0, 1]
                     encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
                     pooled = instance_pooled.expand(b, -1) if comp.xl else None  # SDXL: (B, P)
                     ids_time = instance_time_ids[idx] if comp.xl else None  # SDXL: (B, 6)
                     if with_prior:  # instance half first, then (class image, its pose, class prompt): (2B, ...)
-                        cidx = shard.indices(len(class_latents), b, generator)
-                        latents = torch.cat([latents, class_latents[cidx]])
+                        cidx = shard.indices(len(class_names), b, generator)
+                        latents = torch.cat([latents, class_latents[cidx].sample(generator, shard.rank_world)])
                         controlnet_cond = torch.cat([controlnet_cond, class_conds[cidx]])
                         encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
                         if comp.xl:
@@ -187,16 +196,19 @@ def main() -> None:
                             noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
                             controlnet_cond=controlnet_cond, return_dict=False, **extra,
                         )  # fmt: skip
+                        # the residuals in the frozen UNet's precision, as diffusers' train_controlnet.py passes them
+                        # (an fp32 ControlNet's residuals would meet bf16/fp16 weights in the UNet's norms)
                         model_pred = unet(
                             noisy_latents, timesteps, encoder_hidden_states,
-                            down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res, **extra,
+                            down_block_additional_residuals=[r.to(weight_dtype) for r in down_res],
+                            mid_block_additional_residual=mid_res.to(weight_dtype), **extra,
                         ).sample  # fmt: skip
                     step_losses, grad_norm = training.loss_and_step(
                         accelerator, scheduler, model_pred, latents, noise, timesteps, with_prior, t,
                         params, optimizer, lr_scheduler,
                     )  # fmt: skip
                     totals += step_losses
-            totals = accelerator.reduce(totals, "mean")  # over processes
+            totals = training.reduce_losses(accelerator, totals)  # the mean over processes
             training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, save_checkpoint)
         steplog.summary(steps=t.steps, pairs=len(names), class_pairs=len(class_names) if with_prior else 0)
 
