@@ -28,6 +28,8 @@ NAMES = {
     "tiny-sd15-openpose": ("build_tiny_sd15", "controlnet"),
     "tiny-sdxl": ("build_tiny_sdxl", ""),
     "tiny-sdxl-openpose": ("build_tiny_sdxl", "controlnet"),
+    "world": ("build_world", ""),  # pretrained on the procedural world (posebooth/world), committed in world/
+    "world-openpose": ("build_world", "openpose"),
     "tiny-clip": ("build_tiny_clip", ""),
     "tiny-dino": ("build_tiny_dino", ""),
 }
@@ -56,7 +58,8 @@ def resolve(ref: str) -> str:
     if name not in NAMES:
         raise ValueError(f"unknown embedded model {ref!r}; known: {', '.join(PREFIX + n for n in NAMES)}")
     builder, sub = NAMES[name]
-    folder = cache_root() / f"{builder.removeprefix('build_')}-{builder_hash()}"
+    version = builder_hash() + (f"-{world_hash()}" if builder == "build_world" else "")
+    folder = cache_root() / f"{builder.removeprefix('build_')}-{version}"
     if not (folder / ".complete").exists():
         _build_atomically(folder, globals()[builder])
     return str(folder / sub) if sub else str(folder)
@@ -132,6 +135,32 @@ def _save(out: Path, pipe, controlnet) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
     shutil.rmtree(out / "_tok")
+
+
+WORLD = Path(__file__).resolve().parents[1] / "world"  # the world's committed weights (make world)
+
+
+def world_hash() -> str:
+    """Hash of the world's committed files: new weights give a new cache folder (and new cache keys)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in WORLD.rglob("*") if p.is_file()) if WORLD.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{WORLD}: the world's weights are missing; run `make world` (about an hour)")
+    for f in files:
+        h.update(str(f.relative_to(WORLD)).encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_world(out: Path) -> None:
+    """The world's pretrained SD 1.5-architecture pipeline (``world/base``) with the real CLIP tokenizer, and
+    its OpenPose ControlNet (``world/openpose``), assembled as one diffusers folder."""
+    shutil.copytree(WORLD / "base", out, dirs_exist_ok=True)
+    clip_tokenizer_files(out / "tokenizer")
+    (out / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    }))  # fmt: skip
+    shutil.copytree(WORLD / "openpose", out / "openpose")
 
 
 def build_tiny_sd15(out: Path) -> None:
