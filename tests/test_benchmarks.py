@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import ROOT
-
-pytestmark = pytest.mark.slow
 
 
 def _run(*args: str) -> str:
@@ -18,6 +17,7 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_train_speed_prints_ratios(tiny_sd):
     out = _run("benchmarks/train_speed.py", "--steps", "2", "--warmup", "1", "--repeats", "1",
                "--variants", "posebooth", "encode_every_step")  # fmt: skip
@@ -25,12 +25,50 @@ def test_train_speed_prints_ratios(tiny_sd):
     assert "posebooth vs encode-every-step:" in out and "the peak memory" in out
 
 
+@pytest.mark.slow
 def test_train_speed_on_the_tiny_sdxl_with_the_16gb_savers(tiny_sd):
     out = _run("benchmarks/train_speed.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--model",
                "embedded:tiny-sdxl", "--variants", "posebooth", "checkpointing_8bit")  # fmt: skip
     assert "embedded:tiny-sdxl" in out and "| checkpointing_8bit |" in out
 
 
+@pytest.mark.slow
 def test_class_priors_speed_prints_the_ratio(tiny_sd):
     out = _run("benchmarks/class_priors_speed.py", "--images", "2", "--batch", "2", "--repeats", "1")
     assert "batched vs one at a time:" in out and "largest pixel difference" in out
+
+
+def _gpu_check():
+    """benchmarks/gpu_check.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_sd15_configs_build_the_published_parameter_counts():
+    from accelerate import init_empty_weights
+
+    gpu_check = _gpu_check()
+    configs = gpu_check.load_configs()
+    assert gpu_check.model_index_problems(configs) == []
+    with init_empty_weights():  # on the meta device: no 4 GB of random weights
+        modules = gpu_check.sd15_modules(configs)
+    assert all(p.device.type == "meta" for m in modules.values() for p in m.parameters())
+    # SD 1.5's published sizes: UNet 859.52 M, VAE 83.65 M, CLIP ViT-L/14 text encoder 123.06 M.
+    assert gpu_check.parameter_counts(modules) == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    unet = modules["unet"].config
+    assert unet.cross_attention_dim == 768 and tuple(unet.block_out_channels) == (320, 640, 1280, 1280)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_check(tiny_sd):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--keep-cache"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| `")]
+    results = {cells[0].split("`")[1]: cells[1] for cells in rows}  # check name -> result
+    names = ["pipeline-fp32", "pipeline-bf16", "sd15-model", "speed-posebooth", "speed-reference", "ratio"]
+    assert list(results) == names, proc.stdout + proc.stderr[-3000:]
+    assert set(results.values()) == {"passed"} and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "STAND-IN for train_dreambooth_lora.py" in proc.stdout  # the stand-in is labelled as one
