@@ -644,8 +644,9 @@ def worker_command(name: str, args: argparse.Namespace) -> list[str]:
 
 
 def worker_env(args: argparse.Namespace) -> dict:
-    """Offline, quiet, this environment's ``dvc`` and ``python`` first; a fresh embedded-model cache unless
-    ``--keep-cache``."""
+    """Offline, quiet, this environment's ``dvc`` and ``python`` first; a fresh cache of the checks' own, which
+    with ``--keep-cache`` reuses the embedded models already built in ``$POSEBOOTH_CACHE`` (only those: the
+    checks' image caches and checkpoints never mix with the caller's)."""
     env = dict(
         os.environ,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -655,8 +656,12 @@ def worker_env(args: argparse.Namespace) -> dict:
         TQDM_DISABLE="1",
         PYTHONUNBUFFERED="1",
     )
-    if not args.keep_cache:
-        env["POSEBOOTH_CACHE"] = str(args.work / "cache")
+    cache = args.work / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    shared = Path(os.environ.get("POSEBOOTH_CACHE", Path.home() / ".cache" / "posebooth")) / "embedded"
+    if args.keep_cache and shared.is_dir() and not (cache / "embedded").exists():
+        (cache / "embedded").symlink_to(shared.resolve())
+    env["POSEBOOTH_CACHE"] = str(cache)
     env.pop("POSEBOOTH_FAILPOINT", None)
     return env
 
@@ -781,7 +786,7 @@ def parse_args() -> argparse.Namespace:
         "--work", type=Path, help="folder for copies, model and logs (default: temporary, removed if all pass)"
     )
     ap.add_argument("--logs", type=Path, help="also copy the checks' logs here (e.g. $OUT/gpu-check-logs)")
-    ap.add_argument("--keep-cache", action="store_true", help="use $POSEBOOTH_CACHE instead of a fresh cache")
+    ap.add_argument("--keep-cache", action="store_true", help="reuse the embedded models built in $POSEBOOTH_CACHE")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args()
 

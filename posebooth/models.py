@@ -125,11 +125,12 @@ def _own_scheduler(path: str):
     """The scheduler class and settings the model folder ships (``scheduler/scheduler_config.json``)."""
     import diffusers
 
-    name = diffusers.DDPMScheduler.load_config(path, subfolder="scheduler").get("_class_name", "DDPMScheduler")
+    config = diffusers.DDPMScheduler.load_config(path, subfolder="scheduler")  # a JSON file: no weights
+    name = config.get("_class_name", "DDPMScheduler")
     cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
+    if cls is None or not hasattr(cls, "from_config"):
         raise ValueError(f"{path}/scheduler: unknown scheduler class {name!r} (not in diffusers)")
-    return cls.from_pretrained(path, subfolder="scheduler")
+    return cls.from_config(config)
 
 
 def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "fp32", base: str = ""):
