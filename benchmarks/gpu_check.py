@@ -50,7 +50,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.workspace import copy_repository, git_init  # noqa: E402  (the tests' copy of the working tree)
+from tests.workspace import copy_repository, git_init, remove_outputs  # noqa: E402  (the tests' copy of the working tree)
 
 CONFIGS = ROOT / "benchmarks" / "sd15_configs"
 CONFIG_FILES = {
@@ -523,16 +523,6 @@ def pipeline_params(params: dict, profiles: list[dict], device: str, precision: 
     out["train"]["flip_prob"] = out["train"]["flip_prob"] or 0.5
     out["train"]["validation_every"] = max(1, min(out["train"]["validation_every"] or 3, out["train"]["steps"] // 2))
     return out
-
-
-def remove_outputs(ws: Path) -> None:
-    """Delete every stage's outs, metrics and plots (and dvc.lock), so that `dvc repro` runs every stage."""
-    for stage in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"].values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                p = ws / (entry if isinstance(entry, str) else next(iter(entry)))
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    (ws / "dvc.lock").unlink(missing_ok=True)
 
 
 def pipeline_outcome(ws: Path) -> tuple[list[str], str]:

@@ -26,7 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.workspace import copy_repository  # noqa: E402  (the tests' copy of the working tree)
+from tests.workspace import copy_repository, remove_outputs  # noqa: E402  (the tests' copy of the working tree)
 
 
 def timed_repro(cwd: Path, env: dict) -> tuple[float, dict[str, float], str]:
@@ -70,13 +70,7 @@ def main() -> None:
            "GIT_COMMITTER_EMAIL": "b@b.invalid"}  # fmt: skip
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=ws, env=env | who, check=True, capture_output=True)
-    # The committed metrics and plots are outputs too: remove them, so that every stage runs.
-    for stage in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"].values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                p = ws / (entry if isinstance(entry, str) else next(iter(entry)))
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    (ws / "dvc.lock").unlink(missing_ok=True)
+    remove_outputs(ws)  # the committed metrics and plots are outputs too: every stage runs
 
     total, stages, _ = timed_repro(ws, env)
     noop = []

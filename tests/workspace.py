@@ -53,6 +53,16 @@ def stage_outputs() -> dict[str, list[str]]:
 OUTPUTS = stage_outputs()
 
 
+def remove_outputs(ws: Path) -> None:
+    """Delete every stage's outs, metrics and plots, and dvc.lock, so that `dvc repro` in ``ws`` runs every stage
+    (the committed metrics and plots are outputs too)."""
+    for paths in OUTPUTS.values():
+        for p in paths:
+            target = ws / p
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    (ws / "dvc.lock").unlink(missing_ok=True)
+
+
 def workspace(root: Path, name: str, embedded_dir: str) -> tuple[Path, dict]:
     """A copy of the repository with the test profile and no outputs, and the environment to run it in."""
     from tests.profile import apply_profile
