@@ -49,10 +49,13 @@ lint: venv
 check-locks: venv
 	$(BIN)/python scripts/check_locks.py $(CHECK_LOCKS_ARGS)
 
-# Pretrains the world's base model and its OpenPose ControlNet (posebooth/world/pretrain.py) into world/, about an
-# hour on one core; commit world/ afterwards (tests/test_world_pretrain.py checks it against the recipe and code).
+# Builds the world's models (posebooth/world/build.py) into world/: the base model then its OpenPose ControlNet on one
+# core, the measuring models (CLIP, DINO, pose detector) on the other; commit world/ afterwards
+# (tests/test_world_pretrain.py checks it against the recipes and code). One part: posebooth world pretrain --parts pose
 world: venv
-	$(BIN)/posebooth world pretrain --out world
+	$(BIN)/posebooth world pretrain --out world --parts base,controlnet & base=$$!; \
+	$(BIN)/posebooth world pretrain --out world --parts clip,dino,pose; judges=$$?; \
+	wait $$base && test $$judges -eq 0
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,9 +2,14 @@
 
 ``embedded:tiny-clip`` / ``embedded:tiny-dino`` and LPIPS ``random-alex`` are random networks that
 run offline: numbers made with them test the code and measure nothing, and are marked as stand-ins.
+``embedded:world-clip`` / ``embedded:world-dino`` are trained on the procedural world (posebooth/world):
+their numbers measure the world's images, and are marked as such.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -12,9 +17,20 @@ from PIL import Image
 from posebooth import embedded, hub
 
 
+def is_world(ref: str) -> bool:
+    """True for the world's measuring models (``embedded:world-*``): trained, but on the procedural world."""
+    return ref.startswith(embedded.PREFIX + "world")
+
+
 def is_stand_in(ref: str) -> bool:
     """True for backbones whose numbers measure nothing (random embedded networks)."""
-    return embedded.is_embedded(ref) or ref.startswith("random-")
+    return (embedded.is_embedded(ref) and not is_world(ref)) or ref.startswith("random-")
+
+
+def source(ref: str) -> str:
+    """Where a measuring model's numbers come from: "world" (the procedural world's models), "stand-in"
+    (random weights: they measure nothing) or "real" (a model trained on photographs)."""
+    return "world" if is_world(ref) else "stand-in" if is_stand_in(ref) else "real"
 
 
 def _load_error(ref: str, err: Exception) -> OSError:
@@ -65,7 +81,9 @@ class ClipEmbedder:
 
 
 class DinoEmbedder:
-    """DINO ViT CLS-token embeddings: ``last_hidden_state[:, 0]`` (not ``pooler_output``)."""
+    """DINO ViT CLS-token embeddings: ``last_hidden_state[:, 0]`` (not ``pooler_output``). ``calibration``:
+    the model folder's ``verification.json`` (the same-instance threshold of the mean cosine to the reference
+    photos, calibrated on held-out instances; the world's DINO has one), or None."""
 
     def __init__(self, ref: str, device: str = "cpu"):
         from transformers import AutoImageProcessor, ViTModel
@@ -77,6 +95,8 @@ class DinoEmbedder:
             device,
         )
         self.device = device
+        calibration = Path(embedded.resolve(ref)) / "verification.json"
+        self.calibration = json.loads(calibration.read_text()) if calibration.is_file() else None
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:

@@ -84,7 +84,7 @@ def _pose(args: argparse.Namespace) -> None:
         cfg = config.load(["common", "extract_poses"], args.params)
         e = replace(cfg.extract_poses, detector=args.detector or cfg.extract_poses.detector)
         if e.detector == "sidecar":
-            raise ValueError("posebooth pose: reading a pose from an image needs --detector openpose or dwpose")
+            raise ValueError("posebooth pose: reading a pose from an image needs --detector openpose, dwpose or world")
         from PIL import Image
 
         with Image.open(source) as im:
@@ -133,18 +133,13 @@ def _use_profile(args: argparse.Namespace) -> None:
 
 
 def _world_pretrain(args: argparse.Namespace) -> None:
-    """Pretrain the world's base model and ControlNet (``make world``; about an hour on two cores)."""
-    import copy
+    """Build the world's models (``make world``): base model, ControlNet and measuring models."""
+    from posebooth.world import build
 
-    from posebooth.world import pretrain
-
-    recipe = copy.deepcopy(pretrain.RECIPE)
-    if args.quick:  # a few steps of every part: what the tests run
-        recipe |= {"scenes": 48, "pose_scenes": 16}
-        for part in ("vae", "unet", "controlnet"):
-            recipe[part] |= {"steps": 2, "batch": 4} | ({"warmup": 1} if part == "unet" else {})
-    record = pretrain.pretrain(Path(args.out), recipe)
-    print(f"world written to {args.out} in {sum(record['seconds'].values()) / 60:.1f} min: {record['seconds']}")
+    parts = args.parts.split(",") if args.parts else list(build.PARTS)
+    records = build.build(Path(args.out), parts, args.quick)
+    for part, record in records.items():
+        print(f"world {part} written to {args.out} in {record['seconds'] / 60:.1f} min")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     g.set_defaults(func=_generate)
     q = sub.add_parser("pose", help="a target-pose keypoint file from a reference image or a keypoint file")
     q.add_argument("source", help="an image (read with the detector) or a keypoint .json")
-    q.add_argument("--detector", choices=["openpose", "dwpose"], default=None, help="default: extract_poses.detector")
+    q.add_argument(
+        "--detector", choices=["openpose", "dwpose", "world"], default=None, help="default: extract_poses.detector"
+    )
     q.add_argument("--mirror", action="store_true", help="mirror left to right (left and right keypoints swap)")
     q.add_argument("--scale", type=float, default=1.0, help="scale about the pose's centre")
     q.add_argument("--out", required=True, help="the keypoint .json to write, e.g. data/target_poses/mine.json")
@@ -182,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=_use_profile)
     w = sub.add_parser("world", help="the procedural world the embedded default model is pretrained on")
     wsub = w.add_subparsers(dest="world_command", required=True)
-    wp = wsub.add_parser("pretrain", help="pretrain the world's base model and ControlNet (make world)")
+    wp = wsub.add_parser("pretrain", help="build the world's base model, ControlNet and measuring models (make world)")
     wp.add_argument("--out", default="world", help="folder of the committed world weights")
     wp.add_argument("--quick", action="store_true", help="a few steps of each part, to check the code")
+    wp.add_argument("--parts", default="", help="comma-separated: base,controlnet,clip,dino,pose (default: all)")
     wp.set_defaults(func=_world_pretrain)
     args = ap.parse_args(argv)
     counts = [getattr(args, "num_images", 1), getattr(args, "steps", None) or 1, getattr(args, "batch_size", None) or 1]

@@ -85,7 +85,8 @@ class GenerateClassPriors:
 
 @dataclass(frozen=True)
 class ExtractPoses:
-    detector: Literal["sidecar", "openpose", "dwpose"]
+    detector: Literal["sidecar", "openpose", "dwpose", "world"]  # world: the world's pose detector (world_weights)
+    world_weights: str  # detector world: embedded:world-pose or a folder made by `posebooth world pretrain`
     openpose_weights: str  # hub id or local folder with body_pose_model.pth (detector: openpose)
     dwpose_mode: Literal["performance", "balanced", "lightweight"]  # rtmlib's model sizes (detector: dwpose)
     dwpose_det: str  # local .onnx person detector, or "" for the mode's (downloaded once)
@@ -177,6 +178,7 @@ class Sample:
     negative_prompt: str
     pose_free: bool
     prior_images: bool  # also the class prompt (common.class_prompt) with every seed: PRES in evaluate
+    baselines: bool  # also the base model (no subject), and the posed prompts through train_pose.controlnet
     cpu_offload: bool  # accelerate's model CPU offload for small GPUs (cuda only)
     subject_lora_scale: float = _nonneg()  # strength of the subject's LoRA
     extra_loras: list[str]  # further LoRAs (in data/loras/), e.g. a style, used next to the subject's

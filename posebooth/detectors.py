@@ -25,7 +25,7 @@ from posebooth.poses import FACE_POINTS, HAND_POINTS, KEYPOINT_NAMES, Pose, Pose
 OPENPOSE_BODY_FILE = "body_pose_model.pth"
 OPENPOSE_HAND_FILE = "hand_pose_model.pth"
 OPENPOSE_FACE_FILE = "facenet.pth"
-DETECTORS = ("sidecar", "openpose", "dwpose")
+DETECTORS = ("sidecar", "openpose", "dwpose", "world")
 
 
 class Detector(Protocol):
@@ -245,4 +245,9 @@ def make_detector(name: str, e=None, device: str = "cpu") -> Detector:
         return OpenposeDetector(e.openpose_weights, hands=e.hands, face=e.face)
     if name == "dwpose":
         return DwposeDetector(e.dwpose_mode, e.dwpose_det, e.dwpose_pose, device, hands=e.hands, face=e.face)
+    if name == "world":  # the procedural world's heatmap network (posebooth world pretrain), a folder or embedded
+        from posebooth import embedded
+        from posebooth.world.posenet import WorldPoseDetector
+
+        return WorldPoseDetector(embedded.resolve(e.world_weights), device)
     raise ValueError(f"extract_poses.detector: unknown detector {name!r}; available: {list(DETECTORS)}")

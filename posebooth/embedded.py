@@ -30,6 +30,9 @@ NAMES = {
     "tiny-sdxl-openpose": ("build_tiny_sdxl", "controlnet"),
     "world": ("build_world", ""),  # pretrained on the procedural world (posebooth/world), committed in world/
     "world-openpose": ("build_world", "openpose"),
+    "world-clip": ("build_world", "clip"),  # the world's measuring models (posebooth/world/judges.py, posenet.py)
+    "world-dino": ("build_world", "dino"),
+    "world-pose": ("build_world", "pose"),
     "tiny-clip": ("build_tiny_clip", ""),
     "tiny-dino": ("build_tiny_dino", ""),
 }
@@ -152,15 +155,19 @@ def world_hash() -> str:
 
 
 def build_world(out: Path) -> None:
-    """The world's pretrained SD 1.5-architecture pipeline (``world/base``) with the real CLIP tokenizer, and
-    its OpenPose ControlNet (``world/openpose``), assembled as one diffusers folder."""
+    """The world's pretrained SD 1.5-architecture pipeline (``world/base``) with the real CLIP tokenizer, its
+    OpenPose ControlNet (``world/openpose``) and its measuring models (``clip``, ``dino``, ``pose``)."""
     shutil.copytree(WORLD / "base", out, dirs_exist_ok=True)
     clip_tokenizer_files(out / "tokenizer")
     (out / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
     }))  # fmt: skip
-    shutil.copytree(WORLD / "openpose", out / "openpose")
+    for part in ("openpose", "clip", "dino", "pose"):
+        if (WORLD / part).is_dir():
+            shutil.copytree(WORLD / part, out / part)
+    if (out / "clip").is_dir():  # committed without its tokenizer files (the real CLIP vocabulary, 3.6 MB)
+        clip_tokenizer_files(out / "clip")
 
 
 def build_tiny_sd15(out: Path) -> None:

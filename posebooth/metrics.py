@@ -64,6 +64,13 @@ def matched_cosine(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Ten
     return F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
 
 
+def zero_shot_correct(image_emb: torch.Tensor, candidate_emb: torch.Tensor, truth: list[int | None]) -> list:
+    """CLIP zero-shot classification: per image (N, D), 1.0 when the candidate text (C, D) nearest by cosine is
+    ``truth[i]``, 0.0 when another, None where ``truth[i]`` is None (nothing to check)."""
+    picked = (F.normalize(image_emb.float(), dim=-1) @ F.normalize(candidate_emb.float(), dim=-1).T).argmax(dim=1)
+    return [None if t is None else float(int(p) == t) for p, t in zip(picked.tolist(), truth, strict=True)]
+
+
 def pairwise_lpips(groups: list[torch.Tensor], distance) -> list[float]:
     """LPIPS of every pair within each group (images (K, 3, H, W) in [-1, 1]): the values behind
     ``mean_pairwise_lpips`` (DIV), one per pair."""

@@ -1,4 +1,4 @@
-"""Draw the embedded sample subject: a stylised robot in different poses and backgrounds.
+"""Draw the sample subject: the world's held-out robot (posebooth.world.SUBJECT) in its poses and contexts.
 
 Writes ``data/subject/`` (photos with OpenPose-18 sidecar JSONs in stored-pixel coordinates; one photo
 is stored rotated with an EXIF orientation tag, as phones do) and ``data/target_poses/`` (poses for
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -103,15 +103,13 @@ NAMES = (
     "left_ear",
 )
 
-# (file name, pose, (width, height), figure box (left, top, size) in pixels, background colours, EXIF orientation)
-PHOTOS = [
-    ("robot_01.jpg", "standing", (120, 160), (10, 30, 100), ((90, 140, 200), (200, 220, 240)), 1),
-    ("robot_02.jpg", "arms_up", (160, 120), (30, 8, 104), ((60, 120, 60), (150, 200, 120)), 1),
-    ("robot_03.png", "wave", (128, 128), (12, 10, 108), ((180, 170, 150), (240, 230, 210)), 1),
-    ("robot_04.jpg", "t_pose", (150, 120), (18, 6, 110), ((40, 40, 70), (110, 100, 150)), 6),
-    ("robot_05.jpg", "walking", (120, 150), (8, 20, 104), ((200, 160, 120), (250, 220, 180)), 1),
-    ("robot_06.png", "hands_on_hips", (140, 140), (14, 12, 112), ((120, 60, 60), (220, 150, 140)), 1),
-]
+# The sample subject's photos: renders of the world's held-out instance (posebooth.world.SUBJECT, a tall orange
+# robot with a triangle head and a star, which no pretraining scene shows), in its poses and contexts.
+# (file name, EXIF orientation): one photo is stored rotated with an orientation tag, as phones do.
+PHOTOS = [("robot_01.jpg", 1), ("robot_02.jpg", 1), ("robot_03.png", 1), ("robot_04.jpg", 6), ("robot_05.jpg", 1),
+          ("robot_06.png", 1)]  # fmt: skip
+PHOTO_SIZE = 128  # pixels; prepare_images resizes to common.resolution
+PHOTO_SEED = 7
 TARGETS = ("standing", "arms_up", "wave", "t_pose")
 
 
@@ -125,70 +123,6 @@ def to_pixels(kp: dict, box: tuple[int, int, int]) -> np.ndarray:
     """(18, 3) pixel keypoints with confidence 1."""
     left, top, size = box
     return np.array([[left + x * size, top + y * size, 1.0] for x, y in kp.values()])
-
-
-def draw_robot(canvas: Image.Image, kp: np.ndarray, size: int) -> None:
-    """Draw the robot (silver head, cyan eyes, orange torso, dark limbs) on ``canvas`` (supersampled)."""
-    d = ImageDraw.Draw(canvas)
-    p = {n: (x * SS, y * SS) for n, (x, y, _) in zip(NAMES, kp, strict=False)}
-    u = size * SS / 100  # one hundredth of the figure
-    limb = max(2, int(4.5 * u))
-    for a, b in [
-        ("right_hip", "right_knee"),
-        ("right_knee", "right_ankle"),
-        ("left_hip", "left_knee"),
-        ("left_knee", "left_ankle"),
-        ("right_shoulder", "right_elbow"),
-        ("right_elbow", "right_wrist"),
-        ("left_shoulder", "left_elbow"),
-        ("left_elbow", "left_wrist"),
-    ]:
-        d.line([p[a], p[b]], fill=(55, 55, 65), width=limb)
-    for n in ("right_elbow", "left_elbow", "right_knee", "left_knee"):
-        x, y = p[n]
-        d.ellipse([x - 3 * u, y - 3 * u, x + 3 * u, y + 3 * u], fill=(230, 190, 40))
-    for n in ("right_wrist", "left_wrist"):
-        x, y = p[n]
-        d.ellipse([x - 3.5 * u, y - 3.5 * u, x + 3.5 * u, y + 3.5 * u], fill=(90, 90, 100))
-    for n in ("right_ankle", "left_ankle"):
-        x, y = p[n]
-        d.rectangle([x - 5 * u, y - 2 * u, x + 5 * u, y + 3 * u], fill=(40, 40, 45))
-    (rsx, rsy), (lsx, _), (_, hy) = p["right_shoulder"], p["left_shoulder"], p["right_hip"]
-    d.rounded_rectangle([rsx - 2 * u, rsy - 2 * u, lsx + 2 * u, hy + 2 * u], radius=3 * u, fill=(235, 110, 30))
-    cx, cy = (rsx + lsx) / 2, (rsy + hy) / 2
-    d.rectangle([cx - 5 * u, cy - 6 * u, cx + 5 * u, cy + 2 * u], fill=(250, 230, 200))
-    d.ellipse([cx - 2 * u, cy - 4 * u, cx + 2 * u, cy], fill=(220, 30, 30))
-    nx, ny = p["nose"]
-    d.line([(nx, ny - 8 * u), (nx, ny - 14 * u)], fill=(120, 120, 130), width=max(1, int(u)))
-    d.ellipse([nx - 2 * u, ny - 16 * u, nx + 2 * u, ny - 12 * u], fill=(220, 30, 30))
-    d.rounded_rectangle([nx - 8 * u, ny - 8 * u, nx + 8 * u, ny + 8 * u], radius=3 * u, fill=(190, 195, 205))
-    for n in ("right_ear", "left_ear"):
-        x, y = p[n]
-        d.ellipse([x - 2 * u, y - 2 * u, x + 2 * u, y + 2 * u], fill=(120, 120, 130))
-    for n in ("right_eye", "left_eye"):
-        x, y = p[n]
-        d.ellipse([x - 1.8 * u, y - 1.8 * u, x + 1.8 * u, y + 1.8 * u], fill=(20, 220, 240))
-    d.line([(nx - 4 * u, ny + 4 * u), (nx + 4 * u, ny + 4 * u)], fill=(60, 60, 70), width=max(1, int(u)))
-
-
-def background(size: tuple[int, int], top: tuple, bottom: tuple, seed: int) -> Image.Image:
-    """A vertical gradient with a floor band and a little seeded texture."""
-    w, h = size[0] * SS, size[1] * SS
-    t = np.linspace(0, 1, h)[:, None, None]
-    img = (1 - t) * np.array(top) + t * np.array(bottom)
-    img = np.broadcast_to(img, (h, w, 3)).copy()
-    img[int(h * 0.78) :] *= 0.8  # floor
-    img += np.random.default_rng(seed).normal(0, 6, (h, w, 3))
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def make_photo(pose: str, size: tuple[int, int], box: tuple[int, int, int], colours, seed: int):
-    """One displayed (upright) photo and its (18, 3) keypoints."""
-    kp = to_pixels(figure_keypoints(pose), box)
-    canvas = background(size, *colours, seed)
-    draw_robot(canvas, kp, box[2])
-    img = canvas.resize(size, Image.Resampling.LANCZOS).filter(ImageFilter.SMOOTH)
-    return img, kp
 
 
 def store_rotated(img: Image.Image, kp: np.ndarray, orientation: int):
@@ -213,8 +147,13 @@ def main() -> None:
     subject, targets = ROOT / "data" / "subject", ROOT / "data" / "target_poses"
     subject.mkdir(parents=True, exist_ok=True)
     targets.mkdir(parents=True, exist_ok=True)
-    for i, (name, pose, size, box, colours, orientation) in enumerate(PHOTOS):
-        img, kp = make_photo(pose, size, box, colours, seed=i)
+    from posebooth.world import scenes
+
+    for old in [*subject.glob("robot_*.*")]:
+        old.unlink()
+    renders = scenes.subject_photos(PHOTO_SEED, len(PHOTOS), PHOTO_SIZE)
+    for (name, orientation), (scene, img, _) in zip(PHOTOS, renders, strict=True):
+        kp = scenes.scene_pose(scene, PHOTO_SIZE).keypoints
         stored, kp = store_rotated(img, kp, orientation)
         path = subject / name
         if path.suffix == ".jpg":

@@ -45,7 +45,7 @@ def main() -> None:
     common = dict(steps=args.steps, guidance_scale=6.0, resolution=64, negative_prompt="")
     rows = [(p, [None, *generate(free, p, seeds, **common)]) for p in PROMPTS]
     for path in POSES:
-        pose_map = render_pose(load_pose(ROOT / path), 64)
+        pose_map = render_pose(load_pose(ROOT / path), 64, 256)  # as the world profile draws them (render_size)
         prompt = "a photo of a red robot on the beach"
         images = generate(posed, prompt, seeds, control_image=pose_map, **common)
         rows.append((f"{prompt} | pose: {Path(path).stem}", [pose_map, *images]))

@@ -12,7 +12,13 @@ detected again on each posed sample with the extract_poses detector and compared
 detector cannot read generated images, so it is then "not measured", with why.
 PRES (language drift, the paper's prior preservation): DINO of the trained model's class-prompt images
 (sample.prior_images) to the subject's photos; lower is better. DIV: LPIPS between images of one prompt
-and pose. Every number states how many images it rests on and whether its backbone is a stand-in.
+and pose. Every number states how many images it rests on and where its backbone comes from ("real",
+"world": the procedural world's measuring models, or "stand-in": random weights that measure nothing).
+Subject verification: the fraction of images whose DINO score passes the same-instance threshold that the
+DINO model's folder carries (verification.json, calibrated on held-out instances: the world's DINO has one);
+not measured for a DINO without it. Context accuracy: CLIP zero-shot, among DreamBench's contexts, picks the
+context the prompt names (for images whose prompt names one). With sample.baselines: the same figures for
+the base model (no subject), the ControlNet before stage 2, and pose-free images scored against the targets.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from PIL import Image
 
 from posebooth import config, data, faceid, fidelity, outputs, stats
-from posebooth.backbones import ClipEmbedder, DinoEmbedder, is_stand_in, lpips_distance
+from posebooth.backbones import ClipEmbedder, DinoEmbedder, is_stand_in, lpips_distance, source
 from posebooth.detectors import make_detector
 from posebooth.images import to_tensor
 from posebooth.metrics import (
@@ -34,8 +40,10 @@ from posebooth.metrics import (
     pairwise_lpips,
     per_image_cosine,
     pose_adherence,
+    zero_shot_correct,
 )  # fmt: skip
 from posebooth.poses import load_pose
+from posebooth.world.judges import context_of, context_prompts
 
 log = logging.getLogger("evaluate")
 
@@ -75,6 +83,16 @@ def main() -> None:
     lpips = lpips_distance(e.lpips_net, c.device)
     pixels = [to_tensor(im).to(c.device) for im in generated]
     per_image["lpips_to_references"] = lpips_to_references(torch.stack(pixels), ref_pixels.to(c.device), lpips)
+    calibration = dino.calibration  # the same-instance threshold, where the DINO model carries one
+    if calibration is not None:
+        per_image["verified"] = [float(d >= calibration["threshold"]) for d in per_image["dino"]]
+    # Context accuracy: which of DreamBench's contexts CLIP reads in the image, against the one its prompt names.
+    contexts = context_prompts(c.class_noun)  # {context: text}
+    named = [context_of(r["prompt"]) for r in entries]
+    picked = zero_shot_correct(
+        clip_gen, clip.texts(list(contexts.values())), [list(contexts).index(n) if n else None for n in named]
+    )
+    per_image["context_accuracy"] = picked
 
     def scores(rows: list[int]) -> dict:
         """Every metric over the generated images ``rows``: mean, 95 % bootstrap interval, n."""
@@ -100,6 +118,21 @@ def main() -> None:
         stats.summary([per_image["dino"][i] for i in prior], seed=c.seed) if prior
         else "not measured: sample.prior_images is false (no class-prompt images to compare)"
     )  # fmt: skip
+    if calibration is not None:  # the same-instance test on the class-prompt images: drift as a rate
+        result["pres_verification"] = stats.summary([per_image["verified"][i] for i in prior], seed=c.seed)
+        result["verification_threshold"] = {k: calibration[k] for k in ("threshold", "eer", "n_positive", "n_negative")}
+    kind = {k: [i for i, r in enumerate(entries) if r.get("kind") == k]
+            for k in ("base", "base_class", "pretrained_controlnet", "unposed")}  # fmt: skip
+    if kind["base"]:  # sample.baselines: the base model without the subject, for the same prompts
+        result["base_model"] = scores(kind["base"])
+    if kind["base_class"]:
+        result["base_model"]["pres"] = stats.summary([per_image["dino"][i] for i in kind["base_class"]], seed=c.seed)
+        if calibration is not None:
+            result["base_model"]["pres_verification"] = stats.summary(
+                [per_image["verified"][i] for i in kind["base_class"]], seed=c.seed
+            )
+    if kind["pretrained_controlnet"]:
+        result["pretrained_controlnet"] = scores(kind["pretrained_controlnet"])
     breakdown = {
         "per_prompt": {p: scores([i for i in subject if entries[i]["prompt"] == p])
                        for p in dict.fromkeys(entries[i]["prompt"] for i in subject)},
@@ -121,12 +154,13 @@ def main() -> None:
         else:
             result["face_identity"] = faceid.face_similarity([generated[i] for i in subject], references, embed, c.seed)
     result["backbones"] = {
-        "clip": {"model": e.clip_model, "stand_in": is_stand_in(e.clip_model)},
-        "dino": {"model": e.dino_model, "stand_in": is_stand_in(e.dino_model)},
-        "lpips": {"model": e.lpips_net, "stand_in": is_stand_in(e.lpips_net)},
-        "fid": {"model": e.fid_model, "stand_in": e.fid_model == fidelity.TINY},
-    }
-    result["stand_in"] = any(b["stand_in"] for b in result["backbones"].values())
+        "clip": {"model": e.clip_model, "stand_in": is_stand_in(e.clip_model), "source": source(e.clip_model)},
+        "dino": {"model": e.dino_model, "stand_in": is_stand_in(e.dino_model), "source": source(e.dino_model)},
+        "lpips": {"model": e.lpips_net, "stand_in": is_stand_in(e.lpips_net), "source": source(e.lpips_net)},
+        "fid": {"model": e.fid_model, "stand_in": e.fid_model == fidelity.TINY,
+                "source": "stand-in" if e.fid_model == fidelity.TINY else "real"},
+    }  # fmt: skip
+    result["stand_in"] = any(b.get("stand_in", False) for b in result["backbones"].values())
     ep = cfg.extract_poses
     posed = [i for i in subject if entries[i]["pose"] is not None]
     if not posed:
@@ -134,11 +168,24 @@ def main() -> None:
     elif ep.detector == "sidecar":  # sidecar keypoints exist only for the training photos
         result["pose_adherence"] = "not measured: the sidecar detector cannot detect poses on generated images"
     else:
-        targets = [load_pose(Path(args.samples) / entries[i]["pose_keypoints"]) for i in posed]
         detector = make_detector(ep.detector, ep, c.device)
-        result["pose_adherence"] = pose_adherence(
-            detector, [generated[i] for i in posed], targets, [entries[i]["pose"] for i in posed]
-        )
+
+        def adherence(rows: list[int]) -> dict:
+            targets = [load_pose(Path(args.samples) / entries[i]["pose_keypoints"]) for i in rows]
+            return pose_adherence(detector, [generated[i] for i in rows], targets, [entries[i]["pose"] for i in rows])
+
+        result["pose_adherence"] = adherence(posed)
+        result["pose_adherence"]["source"] = "world" if ep.detector == "world" else "real"  # whose detector
+        if kind["pretrained_controlnet"]:  # the same prompts, poses and seeds before stage 2
+            result["pretrained_controlnet"]["pose_adherence"] = adherence(kind["pretrained_controlnet"])
+        if kind["unposed"]:  # chance: each pose-free image of a posed prompt against every target pose
+            names = list(dict.fromkeys(entries[i]["pose"] for i in posed))
+            files = {entries[i]["pose"]: entries[i]["pose_keypoints"] for i in posed}
+            rows = [(i, n) for i in kind["unposed"] for n in names]
+            result["unposed_against_targets"] = pose_adherence(
+                detector, [generated[i] for i, _ in rows], [load_pose(Path(args.samples) / files[n]) for _, n in rows],
+                [n for _, n in rows],
+            )  # fmt: skip
     if result["stand_in"]:
         log.warning("stand-in backbones in use: these numbers test the pipeline and measure nothing")
     outputs.write_json(args.metrics, result)

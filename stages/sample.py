@@ -4,8 +4,13 @@ Reads:  params common.*, sample.*, extract_poses.*; models/stage1, models/stage2
         sample.poses (keypoint files or reference images under data/target_poses, each optionally
         mirrored or rescaled; images go through the extract_poses detector).
 Writes: samples/ (images/*.png, poses/*.png and the target keypoints poses/*.json, index.json saying
-        what produced each image),
+        what produced each image: its kind, prompt, pose, seed and settings),
         plots/sample_grid.png (a labelled contact sheet: one row per prompt and pose, one column per seed).
+Kinds: "subject" (the trained subject, pose-free and in each target pose), "class" (the class prompt through
+the trained model: PRES). With sample.baselines, what evaluate compares them with: "base" (the base model
+without the subject, each prompt with the identifier removed), "base_class" (the class prompt through the
+base model), "pretrained_controlnet" (the posed prompts through train_pose.controlnet, the ControlNet before
+stage 2) and "unposed" (the posed prompts without a pose: what the pose adds).
 """
 
 from __future__ import annotations
@@ -22,10 +27,30 @@ from posebooth import checkpoints, config, image_cache, outputs, subject
 from posebooth.detectors import make_detector
 from posebooth.generation import generate, plan_batches
 from posebooth.grid import contact_sheet
-from posebooth.models import load_components, weights_fingerprint
+from posebooth.models import load_components, load_controlnet, sd_pipeline, weights_fingerprint
 from posebooth.poses import IMAGE_SUFFIXES, load_target_poses, parse_pose_entry, render_pose
 
 log = logging.getLogger("sample")
+
+
+# How the contact sheet labels each kind of image (see the docstring).
+KIND_LABELS = {"subject": "", "class": "", "base": " | base model", "base_class": " | base model",
+               "pretrained_controlnet": " | ControlNet before stage 2", "unposed": " | no pose (baseline)"}  # fmt: skip
+
+
+def pipeline_of(pose: str | None, kind: str) -> str:
+    """Which pipeline makes an image of ``kind`` with ``pose`` (None: pose-free)."""
+    if kind in ("base", "base_class"):
+        return "base"
+    if kind == "pretrained_controlnet":
+        return kind
+    return "free" if pose is None else "posed"
+
+
+def without_identifier(template: str, identifier: str) -> str:
+    """The prompt template with the identifier (and its placeholder) removed: what the base model is asked."""
+    words = template.replace("{identifier}", identifier).split()
+    return " ".join(w for w in words if w != identifier)
 
 
 def main() -> None:
@@ -38,7 +63,7 @@ def main() -> None:
     ap.add_argument("--loras", default="data/loras")
     args = ap.parse_args()
     outputs.claim("sample", args.out, args.grid)
-    cfg = config.load(["common", "sample", "extract_poses"])
+    cfg = config.load(["common", "sample", "extract_poses", "train_pose"])
     c, s = cfg.common, cfg.sample
     outputs.seed_everything(c.seed, c.deterministic)
     ep = cfg.extract_poses
@@ -55,11 +80,22 @@ def main() -> None:
             raise ValueError(f"sample.extra_loras: {path} must lie in {args.loras}/ (the folder dvc.yaml tracks)")
     posed, free = subject.trained_pipelines(comp, args.stage1, args.stage2, s.scheduler, c.device, c.precision,
                                     s.cpu_offload, s.subject_lora_scale, extras)  # fmt: skip
+    pipelines = {"free": free, "posed": posed}
 
+    pose_prompts = s.pose_prompts or s.prompts
     jobs = [(p, None, "subject") for p in s.prompts] if s.pose_free else []
-    jobs += [(p, name, "subject") for p in (s.pose_prompts or s.prompts) for name in poses]
+    jobs += [(p, name, "subject") for p in pose_prompts for name in poses]
     if s.prior_images:  # the class prompt through the trained model: PRES (language drift) in evaluate
         jobs.append((c.class_prompt, None, "class"))
+    if s.baselines:  # what the trained subject and the stage-2 ControlNet are compared with
+        base = load_components(c.model, c.device, c.precision, c.vae)
+        pipelines["base"] = sd_pipeline(base, s.scheduler)
+        pretrained = load_controlnet(cfg.train_pose.controlnet, base.unet, c.device, c.precision, c.model)
+        pipelines["pretrained_controlnet"] = sd_pipeline(comp, s.scheduler, pretrained)
+        jobs += [(without_identifier(p, c.identifier), None, "base") for p in s.prompts]
+        jobs += [(c.class_prompt, None, "base_class")] if s.prior_images else []
+        jobs += [(p, name, "pretrained_controlnet") for p in pose_prompts for name in poses]
+        jobs += [(p, None, "unposed") for p in pose_prompts]
     # Resumable: each finished batch is kept in a cache keyed by everything that makes the images (params, the
     # trained models, the target poses), so a re-run after an interruption makes only the rest.
     inputs = [args.stage1, args.stage2, args.target_poses] + ([args.loras] if extras else [])
@@ -83,16 +119,17 @@ def main() -> None:
                       negative_prompt=s.negative_prompt)  # fmt: skip
         items = [(j, seed) for j in range(len(jobs)) for seed in s.seeds]
         made = {it: image_cache.load_cached(cache, f"{it[0]:03d}_s{it[1]}", c.resolution) for it in items}
-        groups = [list(g) for _, g in itertools.groupby(items, key=lambda it: jobs[it[0]][1] is None)]
+        groups = [list(g) for _, g in itertools.groupby(items, key=lambda it: pipeline_of(*jobs[it[0]][1:]))]
         batches, todo = plan_batches(groups, s.batch_size, made)
         reused = len(batches) - len(todo)
         for batch in tqdm(todo, desc="sample", unit="batch"):
             prompts = [config.fill(jobs[j][0], c) for j, _ in batch]
             seeds = [seed for _, seed in batch]
+            pipe = pipelines[pipeline_of(*jobs[batch[0][0]][1:])]
             if jobs[batch[0][0]][1] is None:
-                images = generate(free, prompts, seeds, **common)
+                images = generate(pipe, prompts, seeds, **common)
             else:
-                images = generate(posed, prompts, seeds, control_image=[pose_maps[jobs[j][1]] for j, _ in batch],
+                images = generate(pipe, prompts, seeds, control_image=[pose_maps[jobs[j][1]] for j, _ in batch],
                                   conditioning_scale=s.conditioning_scale,
                                   control_guidance=(s.control_guidance_start, s.control_guidance_end), **common)  # fmt: skip
             for it, image in zip(batch, images, strict=True):
@@ -103,7 +140,7 @@ def main() -> None:
             prompt = config.fill(template, c)
             images = [made[(j, seed)] for seed in s.seeds]
             for seed, image in zip(s.seeds, images, strict=True):
-                file = f"images/{j:03d}_{pose_name or ('class' if kind == 'class' else 'free')}_s{seed}.png"
+                file = f"images/{j:03d}_{kind}_{pose_name or 'free'}_s{seed}.png"
                 image.save(tmp / file)
                 index.append({
                     "file": file, "kind": kind, "prompt": prompt, "prompt_template": template, "negative_prompt": s.negative_prompt,
@@ -112,7 +149,7 @@ def main() -> None:
                     "seed": seed, "steps": s.steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
                     "conditioning_scale": s.conditioning_scale if pose_name else None,
                 })  # fmt: skip
-            rows.append((f"{prompt} | {'pose: ' + pose_name if pose_name else 'no pose'}",
+            rows.append((f"{prompt} | {'pose: ' + pose_name if pose_name else 'no pose'}{KIND_LABELS[kind]}",
                          [pose_maps[pose_name] if pose_name else None, *images]))  # fmt: skip
         outputs.write_json(tmp / "index.json", {
             "base_model": c.model, "stage1": args.stage1, "stage2": args.stage2, "identifier": c.identifier,

@@ -322,3 +322,21 @@ def test_face_identity_with_an_injected_embedder():
         faceid.FacenetEmbedder()
     except OSError as err:  # not installed here, or its weights are not on this machine: a reason, no crash
         assert "facenet-pytorch" in str(err) or "FaceNet weights" in str(err)
+
+
+def test_zero_shot_picks_the_nearest_candidate_text():
+    """1.0 where the nearest candidate (by cosine, not dot product) is the truth, 0.0 elsewhere, None unchecked."""
+    from posebooth.metrics import zero_shot_correct
+
+    images = torch.tensor([[1.0, 0.1], [0.9, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    candidates = torch.tensor([[10.0, 0.0], [0.0, 1.0]])  # the first is long: a dot product would pick it for row 1
+    assert zero_shot_correct(images, candidates, [0, 1, 0, None]) == [1.0, 1.0, 0.0, None]
+
+
+def test_measuring_models_say_where_their_numbers_come_from():
+    from posebooth.backbones import source
+
+    assert source("embedded:world-dino") == source("embedded:world-clip") == "world"
+    assert not is_stand_in("embedded:world-dino")
+    assert source("embedded:tiny-dino") == source("random-alex") == "stand-in"
+    assert source("facebook/dino-vits16") == "real"

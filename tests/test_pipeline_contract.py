@@ -25,10 +25,10 @@ def _library_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("posebooth"):
-            if node.module == "posebooth":
-                found |= {f"posebooth.{a.name}" for a in node.names}
-            else:
-                found.add(node.module)
+            found.add(node.module)
+            package = ROOT / node.module.replace(".", "/")
+            if package.is_dir():  # `from posebooth.world import scenes`: the submodules named
+                found |= {f"{node.module}.{a.name}" for a in node.names if (package / f"{a.name}.py").exists()}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("posebooth.")}
     return found
@@ -42,8 +42,14 @@ def _closure(script: Path) -> set[str]:
         if mod in seen:
             continue
         seen.add(mod)
-        todo += _library_imports(ROOT / (mod.replace(".", "/") + ".py"))
-    return {mod.replace(".", "/") + ".py" for mod in seen}
+        todo += _library_imports(_file(mod))
+    return {str(_file(mod).relative_to(ROOT)) for mod in seen}
+
+
+def _file(module: str) -> Path:
+    """The file of a ``posebooth.*`` module: ``a/b.py``, or ``a/b/__init__.py`` for a package."""
+    path = ROOT / module.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def _loaded_sections(script: Path) -> set[str]:

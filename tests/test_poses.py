@@ -238,18 +238,20 @@ def test_pose_command_writes_target_poses_from_files_and_images(tmp_path, monkey
     cli.main(["--params", str(ROOT / "params.yaml"), "pose", str(tmp_path / "ref.png"), "--detector", "openpose",
               "--out", str(tmp_path / "ref.json")])  # fmt: skip
     assert load_pose(tmp_path / "ref.json").keypoints.tolist() == found.keypoints.tolist()
+    sidecar = tmp_path / "params.yaml"  # extract_poses.detector: sidecar
+    sidecar.write_text((ROOT / "params.yaml").read_text().replace("  detector: world ", "  detector: sidecar "))
     with pytest.raises(SystemExit):  # the sidecar detector cannot read an image: one-line error, exit 1
         cli.main(
             [
                 "--params",
-                str(ROOT / "params.yaml"),
+                str(sidecar),
                 "pose",
                 str(tmp_path / "ref.png"),
                 "--out",
                 str(tmp_path / "x.json"),
             ]
         )
-    assert "needs --detector openpose or dwpose" in caplog.text  # logged as one line
+    assert "needs --detector openpose, dwpose or world" in caplog.text  # logged as one line
 
 
 def test_a_custom_skeleton_sidecar_follows_the_photo_through_prepare(tmp_path):

@@ -1,5 +1,5 @@
-"""The world's pretraining code runs and writes models that load like SD 1.5; the committed weights are the
-ones its recipe and code make."""
+"""The world's build code runs and writes models that load like their real counterparts (SD 1.5, an OpenPose
+ControlNet, CLIP, DINO, a pose detector); the committed weights are the ones its recipes and code make."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from posebooth import embedded
-from posebooth.world import pretrain
+from posebooth.world import build, pretrain
 from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def quick_world(tmp_path_factory) -> str:
-    """``posebooth world pretrain --quick``: every part for two steps (in its own process: it fixes the
+    """``posebooth world pretrain --quick``: every part for a few steps (in its own process: it fixes the
     thread count)."""
     out = tmp_path_factory.mktemp("world") / "world"
     proc = subprocess.run([sys.executable, "-m", "posebooth", "world", "pretrain", "--quick", "--out", str(out)],
@@ -33,8 +33,10 @@ def test_pretraining_writes_a_world_that_loads_and_samples_like_sd15(quick_world
     from posebooth.generation import generate
     from posebooth.models import check_controlnet_fits, load_components, load_controlnet, sd_pipeline
 
-    record = json.loads((quick_world / "recipe.json").read_text())
-    assert record["code_hash"] == pretrain.code_hash() and record["recipe"]["unet"]["steps"] == 2
+    for part in build.PARTS:
+        record = json.loads((quick_world / "records" / f"{part}.json").read_text())
+        assert record["code_hash"] == build.code_hash(part), part
+    assert record["recipe"] != build.recipe(part), "a quick run records its cut-down recipe"
     monkeypatch.setattr(embedded, "WORLD", quick_world)
     monkeypatch.setenv("POSEBOOTH_CACHE", str(tmp_path))
     comp = load_components("embedded:world")
@@ -50,20 +52,25 @@ def test_pretraining_writes_a_world_that_loads_and_samples_like_sd15(quick_world
     assert image.size == (64, 64)
 
 
-def test_the_committed_world_is_what_its_recipe_and_code_make():
-    """world/recipe.json records the recipe and the code hash that made the committed weights: a change to
-    either without `make world` (and committing its output) fails here. Weights are fp16, 25 MB at most."""
+@pytest.mark.parametrize("part", build.PARTS)
+def test_the_committed_world_is_what_its_recipe_and_code_make(part):
+    """world/records/<part>.json records the recipe and the code hash that made the committed weights of each
+    part: a change to either without `make world` (and committing its output) fails here."""
+    record = json.loads((embedded.WORLD / "records" / f"{part}.json").read_text())
+    assert record["recipe"] == json.loads(json.dumps(build.recipe(part)))
+    assert record["code_hash"] == build.code_hash(part), f"the code of world part {part} changed: run `make world`"
+
+
+def test_the_committed_world_is_fp16_and_small():
+    """Every weight file is fp16 safetensors in its part's folder, 25 MB at most in all; the UNet is the recipe's."""
     from safetensors import safe_open
 
     world = embedded.WORLD
-    record = json.loads((world / "recipe.json").read_text())
-    assert record["recipe"] == json.loads(json.dumps(pretrain.RECIPE))
-    assert record["code_hash"] == pretrain.code_hash(), "posebooth/world changed: run `make world` and commit world/"
     unet = json.loads((world / "base/unet/config.json").read_text())
     for key, value in pretrain.unet_config().items():
         assert unet[key] == (list(value) if isinstance(value, tuple) else value), key
     files = [p for p in world.rglob("*.safetensors")]
-    assert {p.parent.name for p in files} == {"unet", "vae", "text_encoder", "openpose"}
+    assert {p.parent.name for p in files} == {"unet", "vae", "text_encoder", "openpose", "clip", "dino", "pose"}
     for path in files:
         with safe_open(str(path), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path

@@ -1,16 +1,16 @@
-"""Pretraining the world's base model on procedural scenes: VAE, text encoder + UNet, OpenPose ControlNet.
+"""Pretraining the world's base model on procedural scenes: the VAE, then the text encoder with the UNet.
 
 The architecture is Stable Diffusion 1.5's at a small size, so the whole pipeline loads it through the same
 ``from_pretrained`` calls as SD 1.5: an ``AutoencoderKL`` (4x: 64 px images, 16x16x4 latents), a
-``CLIPTextModel`` on the real CLIP tokenizer (49,408 tokens), a ``UNet2DConditionModel`` with SD's noise
-schedule (scaled-linear betas 0.00085 to 0.012, 1000 steps, epsilon prediction), and a ``ControlNetModel``
-made from that UNet and trained on the scenes' pose maps. Everything is drawn from ``RECIPE`` and its seed:
-the same recipe on the same machine gives the same weights, bit for bit (CPU kernels are deterministic at
-a fixed thread count, which the recipe fixes).
+``CLIPTextModel`` on the real CLIP tokenizer (49,408 tokens) and a ``UNet2DConditionModel`` with SD's noise
+schedule (scaled-linear betas 0.00085 to 0.012, 1000 steps, epsilon prediction). Everything is drawn from
+``RECIPE`` and its seed: the same recipe on the same machine gives the same weights, bit for bit (CPU kernels
+are deterministic at a fixed thread count, which the recipe fixes).
 
 Order (each model frozen once trained): the VAE on pixels; the UNet with the text encoder, on latents drawn
-from the cached posteriors of the VAE; the ControlNet on (latents, pose map, caption) with the rest frozen.
-Captions are dropped with ``caption_dropout`` so that classifier-free guidance works.
+from the cached posteriors of the VAE. Captions are dropped with ``caption_dropout`` so that classifier-free
+guidance works. The OpenPose ControlNet is the next part (``posebooth.world.controlnet``), trained on the
+saved base; ``posebooth.world.build`` runs the parts.
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ RECIPE = {
     "threads": 1,  # one core: bit-identical at a fixed thread count, and it leaves the other core free
     "size": 64,  # pixels
     "scenes": 16000,  # pretraining renders (robots, dogs, vases in every context; the sample subject never)
-    "pose_scenes": 6000,  # the first scenes with a skeleton: the ControlNet's (image, pose map) pairs
     "vae": {"steps": 400, "batch": 16, "lr": 1e-3, "kl": 1e-6},
     "unet": {"steps": 2400, "batch": 32, "lr": 4e-4, "warmup": 100, "caption_dropout": 0.1},
-    "controlnet": {"steps": 400, "batch": 32, "lr": 3e-4, "caption_dropout": 0.3},
 }
 
 
@@ -65,10 +63,6 @@ def unet_config() -> dict:
                 attention_head_dim=4, norm_num_groups=16)  # fmt: skip
 
 
-# The ControlNet's pose-map encoder downsamples once per entry after the first: 4x, like the VAE.
-CONTROLNET_CONDITIONING_CHANNELS = (16, 32, 48)
-
-
 def noise_scheduler():
     """SD 1.5's training schedule."""
     from diffusers import DDPMScheduler
@@ -77,42 +71,38 @@ def noise_scheduler():
                          prediction_type="epsilon", clip_sample=False, steps_offset=1)  # fmt: skip
 
 
-def code_hash() -> str:
-    """Hash of the code that makes the world (this module and the scene generator)."""
+# The scene generator: every part's code hash covers it (a change to the world redraws every training set).
+SCENE_MODULES = ("scenes.py", "backgrounds.py", "drawing.py", "robot.py", "dog.py", "vase.py")
+
+
+def code_hash(*modules: str) -> str:
+    """Hash of the code that makes a part of the world: the scene generator and ``modules`` (file names in
+    posebooth/world; default this one)."""
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
+    for name in sorted({*SCENE_MODULES, *(modules or (Path(__file__).name,))}):
+        h.update(name.encode() + (Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:16]
 
 
 @dataclass
 class Scenes:
-    """Rendered pretraining data: pixels (N, 3, S, S) uint8, captions, pose maps (P, 3, S, S) uint8 in [0, 255]
-    of the first P scenes that have a skeleton, with their indices into the N."""
+    """Rendered training data: pixels (N, 3, S, S) uint8 in [0, 255] and one caption each."""
 
     pixels: torch.Tensor
     captions: list[str]
-    pose_maps: torch.Tensor
-    pose_index: torch.Tensor
 
 
-def render_scenes(seed: int, n: int, n_pose: int, size: int) -> Scenes:
-    """``n`` scenes and their captions; pose maps of the first ``n_pose`` with a skeleton (drawn like stage 2's)."""
-    from posebooth.poses import render_pose
+def render_scenes(seed: int, n: int, size: int) -> Scenes:
+    """``n`` random scenes of every class (never the held-out subject) and their captions."""
     from posebooth.world import scenes
 
     rng = np.random.default_rng(seed)
-    pixels, captions, maps, index = np.zeros((n, size, size, 3), np.uint8), [], [], []
+    pixels, captions = np.zeros((n, size, size, 3), np.uint8), []
     for i in tqdm(range(n), desc="world: render scenes", unit="scene"):
         scene = scenes.sample_scene(rng)
-        image, keypoints = scenes.render(scene, size)
-        pixels[i] = np.asarray(image)
+        pixels[i] = np.asarray(scenes.render(scene, size)[0])
         captions.append(scenes.caption(scene, rng))
-        if keypoints is not None and len(index) < n_pose:  # drawn at 512 px, as extract_poses draws them
-            maps.append(np.asarray(render_pose(scenes.scene_pose(scene, size), size, 512)))
-            index.append(i)
-    return Scenes(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions,
-                  torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).contiguous(), torch.tensor(index))  # fmt: skip
+    return Scenes(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions)
 
 
 def _pixels(batch: torch.Tensor) -> torch.Tensor:
@@ -207,58 +197,9 @@ def train_unet(latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], 
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), losses
 
 
-def train_controlnet(unet, text_encoder, tokenizer, latents, scenes_: Scenes, recipe: dict,
-                     generator: torch.Generator):  # fmt: skip
-    """An OpenPose ControlNet made from the trained UNet, trained on the scenes' pose maps with the rest frozen."""
-    from diffusers import ControlNetModel
-
-    r = recipe["controlnet"]
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS)
-    scheduler = noise_scheduler()
-    ids = _token_ids(tokenizer, [scenes_.captions[i] for i in scenes_.pose_index.tolist()])
-    empty = _token_ids(tokenizer, [""])
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=r["lr"], weight_decay=0.0)
-    mean, std = latents[0][scenes_.pose_index], latents[1][scenes_.pose_index]
-    losses = []
-    for idx in tqdm(list(_batches(len(mean), r["batch"], r["steps"], generator)), desc="world: ControlNet",
-                    unit="step"):  # fmt: skip
-        x = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)
-        drop = torch.rand(len(idx), generator=generator) < r["caption_dropout"]
-        with torch.no_grad():
-            encoder_hidden_states = text_encoder(torch.where(drop[:, None], empty, ids[idx]))[0]
-        cond = scenes_.pose_maps[idx].float() / 255.0  # (B, 3, S, S) in [0, 1]
-
-        def with_control(noisy_latents, timesteps, states, cond=cond):
-            down, mid = controlnet(noisy_latents, timesteps, encoder_hidden_states=states, controlnet_cond=cond,
-                                   return_dict=False)  # fmt: skip
-            return unet(noisy_latents, timesteps, states, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid)  # fmt: skip
-
-        loss = _diffusion_step(_Call(with_control), scheduler, x, encoder_hidden_states, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    return controlnet.eval().requires_grad_(False), losses
-
-
-class _Call:
-    """A function standing where ``_diffusion_step`` calls a UNet."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-
 def pretrain(out: Path, recipe: dict = RECIPE) -> dict:
-    """Make the world's base model and ControlNet from ``recipe`` and save them under ``out`` (``base/`` as a
-    diffusers pipeline folder without tokenizer, ``openpose/`` as a ControlNet folder), in fp16; returns the
-    record written beside them (``recipe.json``: the recipe, code hash, seconds and losses per part)."""
-    import json
-
+    """Make the world's base model from ``recipe`` and save it under ``out/base`` (a diffusers pipeline folder
+    without tokenizer, fp16); returns its figures (seconds per step of the recipe, loss)."""
     from posebooth.embedded import _clip_tokenizer
 
     torch.set_num_threads(recipe["threads"])
@@ -266,7 +207,7 @@ def pretrain(out: Path, recipe: dict = RECIPE) -> dict:
     times, start = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _clip_tokenizer(Path(tmp))
-    data = render_scenes(recipe["seed"], recipe["scenes"], recipe["pose_scenes"], recipe["size"])
+    data = render_scenes(recipe["seed"], recipe["scenes"], recipe["size"])
     times["render"] = time.perf_counter() - start
     generator = torch.Generator().manual_seed(recipe["seed"] + 1)
     vae = train_vae(data.pixels, recipe, generator)
@@ -274,23 +215,17 @@ def pretrain(out: Path, recipe: dict = RECIPE) -> dict:
     latents = encode_all(vae, data.pixels)
     unet, text_encoder, unet_losses = train_unet(latents, data.captions, tokenizer, recipe, generator)
     times["unet"] = time.perf_counter() - start - sum(times.values())
-    controlnet, cn_losses = train_controlnet(unet, text_encoder, tokenizer, latents, data, recipe, generator)
-    times["controlnet"] = time.perf_counter() - start - sum(times.values())
-    save(Path(out), vae, text_encoder, unet, controlnet)
-    record = {"recipe": recipe, "code_hash": code_hash(), "seconds": {k: round(v, 1) for k, v in times.items()},
-              "torch": torch.__version__, "unet_loss_last_100": float(np.mean(unet_losses[-100:])),
-              "controlnet_loss_last_100": float(np.mean(cn_losses[-100:]))}  # fmt: skip
-    (Path(out) / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    save(Path(out) / "base", vae, text_encoder, unet)
+    return {"seconds": {k: round(v, 1) for k, v in times.items()}, "torch": torch.__version__,
+            "unet_loss_last_100": float(np.mean(unet_losses[-100:]))}  # fmt: skip
 
 
-def save(out: Path, vae, text_encoder, unet, controlnet) -> None:
-    """The models in fp16 safetensors, in diffusers' folder layout (``base/`` loads like SD 1.5 once a tokenizer
+def save(base: Path, vae, text_encoder, unet) -> None:
+    """The models in fp16 safetensors, in diffusers' folder layout (``base`` loads like SD 1.5 once a tokenizer
     folder is added, which ``embedded:world`` does)."""
     import json
     import shutil
 
-    base = out / "base"
     shutil.rmtree(base, ignore_errors=True)
     for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
         model.to(torch.float16).save_pretrained(base / name, safe_serialization=True)
@@ -303,6 +238,3 @@ def save(out: Path, vae, text_encoder, unet, controlnet) -> None:
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }, indent=2) + "\n")  # fmt: skip
-    shutil.rmtree(out / "openpose", ignore_errors=True)
-    controlnet.to(torch.float16).save_pretrained(out / "openpose", safe_serialization=True)
-    controlnet.to(torch.float32)
