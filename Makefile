@@ -1,5 +1,6 @@
-# posebooth: `make repro` runs the pipeline, `make test` runs the tests, `make check-locks` checks that every
-# platform's lock installs on every supported Python. Each creates the virtual environment from this machine's
+# posebooth: `make repro` runs the pipeline, `make test` runs the tests (the fast tier, under 12 minutes on 2 cores),
+# `make test-all` the slow tier that `make test` leaves out (tests marked `slow`: the pipeline runs end to end; CI
+# runs both), `make check-locks` checks that every platform's lock installs on every supported Python. Each creates the virtual environment from this machine's
 # lock (locks/, see README "Installing") when it is missing or out of date.
 # Python 3.10 to 3.13; python3.11 where there is one (PYTHON=/path/to/python picks another).
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3.10 || command -v python3)
@@ -17,7 +18,7 @@ LOCK ?= $(LOCK_$(PLATFORM))
 # One stamp per lock, so that installing another lock (LOCK=...) re-installs.
 STAMP := $(VENV)/.installed-$(basename $(notdir $(LOCK)))
 
-.PHONY: repro test lint check-locks world venv clean-venv
+.PHONY: repro test test-all lint check-locks world venv clean-venv
 
 venv: $(STAMP)
 
@@ -38,7 +39,10 @@ repro: venv
 	$(BIN)/dvc repro
 
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow" --durations=15
+
+test-all: venv
+	$(BIN)/python -m pytest -m slow --durations=15
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

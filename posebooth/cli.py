@@ -56,7 +56,7 @@ def _generate(args: argparse.Namespace) -> None:
     if pose is not None:
         scale = s.conditioning_scale if args.conditioning_scale is None else args.conditioning_scale
         kwargs |= dict(control_image=render_pose(pose, c.resolution, cfg.extract_poses.render_size),
-                       conditioning_scale=scale)  # fmt: skip
+                       conditioning_scale=scale, control_guidance=(s.control_guidance_start, s.control_guidance_end))  # fmt: skip
     # --batch-size images per pipeline call (each image has its own seeded generator, so batching does not
     # change them): all --num-images at once would not fit a GPU
     images = []

@@ -73,3 +73,45 @@ def fresh_accelerate_state():
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_sd):
+    """The session's one `dvc repro` of the test profile (tests/workspace.py ``reference``), shared by the
+    end-to-end, interruption, GPU-path and SDXL tests. Read it; to change anything in it, ``clone`` it. At the
+    end of the session every output must still be what the run wrote."""
+    from posebooth import embedded
+    from tests.workspace import ALL_OUTPUTS, digests, reference
+
+    ref = reference(tmp_path_factory.mktemp("reference"), str(embedded.cache_root()))
+    yield ref
+    now = digests(ref.ws, ALL_OUTPUTS)
+    changed = sorted(k for k in now.keys() | ref.digests.keys() if now.get(k) != ref.digests.get(k))
+    assert not changed, f"a test changed the shared reference run (clone it instead): {changed}"
+
+
+@pytest.fixture
+def refused_connections(monkeypatch) -> list:
+    """Every network connection this test tries is refused and recorded (its address), so that a test can say
+    "fails at once" as "tried at most the one probe, no download and no retry" instead of timing it."""
+    import socket
+
+    tried = []  # (host, port) of each attempt
+
+    def create_connection(address, *args, **kwargs):
+        tried.append(tuple(address[:2]))
+        raise ConnectionRefusedError(f"connection to {address} refused (test)")
+
+    def getaddrinfo(host, port, *args, **kwargs):  # what urllib3 (requests, huggingface_hub) calls first
+        tried.append((host, port))
+        raise socket.gaierror(f"{host}: no address (test)")
+
+    def connect(sock, address, *args, **kwargs):
+        tried.append(tuple(address[:2]))
+        raise ConnectionRefusedError(f"connection to {address} refused (test)")
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    return tried

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -83,27 +82,35 @@ def settings(**change):
 
 
 def test_openpose_from_a_local_folder_runs_offline(random_openpose_weights):
+    import torch
+
     detector = make_detector("openpose", settings(openpose_weights=str(random_openpose_weights)))
-    image = Image.open(ROOT / "data" / "subject" / "robot_03.png").convert("RGB").resize((64, 64))
-    pose = detector.detect(image)  # random weights: a pose or none, but the real code path runs
-    assert pose is None or isinstance(pose, Pose)
+    model = detector.estimator.model
+    saved = torch.load(random_openpose_weights / "body_pose_model.pth")
+    loaded = {".".join(k.split(".")[1:]): v for k, v in model.state_dict().items()}  # the file's key layout
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append((args[0].clone(), [o.shape for o in out])))
+    detector.detect(Image.new("RGB", (64, 64), (255, 128, 0)))
+    # One pass at scale 0.5 * 368 / 64: a 184 px square (a multiple of the stride 8, no padding), BGR, x / 256 - 0.5.
+    seen_input, shapes = seen[0]
+    expected = torch.tensor([0 / 256 - 0.5, 128 / 256 - 0.5, 255 / 256 - 0.5]).view(1, 3, 1, 1).expand(1, 3, 184, 184)
+    assert len(seen) == 1 and torch.equal(seen_input, expected)
+    assert shapes == [(1, 38, 23, 23), (1, 19, 23, 23)]  # part affinity fields and heatmaps at 1/8
 
 
-def test_openpose_offline_fails_within_seconds_naming_the_weights(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # even without the flag, when the Hub does not answer
-
-    def refuse(*args, **kwargs):
-        raise OSError("connection refused (test)")
-
-    monkeypatch.setattr(hub.socket, "create_connection", refuse)
+def test_openpose_offline_fails_at_once_naming_the_weights(monkeypatch, tmp_path, refused_connections):
+    """Without the offline flag, when the Hub does not answer: one probe, no download tried (huggingface_hub
+    would retry for ~25 s), and an error naming the weights and how to get them."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
     hub.reachable.cache_clear()
-    start = time.monotonic()
     with pytest.raises(
         OSError,
         match=r"OpenPose body weights \(body_pose_model.pth\) 'lllyasviel/Annotators' is not on this machine.*hf download lllyasviel/Annotators",
     ):
         make_detector("openpose", settings())
-    assert time.monotonic() - start < 15
+    assert [port for _, port in refused_connections] == [443]  # the probe, and nothing after it
     hub.reachable.cache_clear()
     with pytest.raises(FileNotFoundError, match=r"the folder has no body_pose_model.pth"):
         make_detector("openpose", settings(openpose_weights=str(tmp_path)))
@@ -163,39 +170,76 @@ def test_dwpose_detector_with_an_injected_estimator():
     assert det.name == "dwpose" and seen == [(48, 64, 3)] and pose.hands is None and pose.visible.sum() == 17
 
 
-def test_dwpose_offline_fails_at_once_naming_the_files(monkeypatch, tmp_path):
+def test_dwpose_offline_fails_at_once_naming_the_files(monkeypatch, tmp_path, refused_connections):
     pytest.importorskip("rtmlib")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty rtmlib cache
     monkeypatch.delenv("TORCH_HOME", raising=False)
-    start = time.monotonic()
     with pytest.raises(OSError, match=r"DWPose weights are not on this machine.*rtmw-dw-.*\.zip.*dwpose_pose"):
         make_detector("dwpose", settings(detector="dwpose"))
-    assert time.monotonic() - start < 10
+    assert refused_connections == []  # offline (the session's flag): no download tried
     with pytest.raises(FileNotFoundError, match=r"DWPose weights .*nope.onnx: no such file"):
         make_detector("dwpose", settings(detector="dwpose", dwpose_pose=str(tmp_path / "nope.onnx")))
 
 
+class HeadAndArmsStub:
+    """controlnet_aux ``Body`` stand-in: one person, 18 hand-placed keypoints on a 256 px image."""
+
+    POINTS = {
+        0: (128, 60),  # nose
+        1: (128, 100),  # neck
+        2: (60, 100),  # right shoulder, elbow, wrist: the arm hangs down
+        3: (60, 140),
+        4: (60, 180),
+        5: (100, 100),  # left shoulder, elbow, wrist: the arm points right
+        6: (140, 100),
+        7: (180, 100),
+        8: (110, 170),  # hips, knees, ankles
+        9: (110, 200),
+        10: (110, 230),
+        11: (146, 170),
+        12: (146, 200),
+        13: (146, 230),
+        14: (120, 56),  # right eye, left eye, right ear, left ear
+        15: (136, 56),
+        16: (112, 60),
+        17: (144, 60),
+    }
+
+    def __call__(self, bgr):
+        candidate = np.array([[x, y, 0.9, i] for i, (x, y) in self.POINTS.items()], dtype=float)
+        subset = np.concatenate([np.arange(18), [16.2, 18]])[None]
+        return candidate, subset
+
+    format_body_result = staticmethod(StubEstimator.format_body_result)
+
+
 def test_openpose_hands_and_face_with_injected_models():
-    from tests.test_stages_openpose import FullBodyStub
+    crops = []
 
     class HandStub:
         def __call__(self, crop):
+            crops.append(crop.shape)
             return np.tile([2.0, 3.0], (21, 1))  # every point 2, 3 px into its crop
 
     class FaceStub:
         def __call__(self, crop):
+            crops.append(crop.shape)
             return "heatmaps"
 
         @staticmethod
         def compute_peaks_from_heatmaps(heatmaps):
-            return np.tile([1.0, 1.0], (70, 1))
+            return np.tile([1.0, 2.0], (70, 1))  # every point 1, 2 px into its crop
 
-    det = OpenposeDetector("unused", FullBodyStub(), hand=HandStub(), face_model=FaceStub())
+    det = OpenposeDetector("unused", HeadAndArmsStub(), hand=HandStub(), face_model=FaceStub())
     image = Image.new("RGB", (256, 256), (90, 90, 90))
     pose = det.detect(image)
     assert pose.visible.sum() == 18
-    assert pose.hands is not None and pose.hands.shape == (2, 21, 3)
-    assert (pose.hands[:, :, 2] > 0).any()  # the stub's points, moved into image coordinates
-    assert pose.face is None or pose.face.shape == (70, 3)
-    plain = OpenposeDetector("unused", FullBodyStub()).detect(image)
+    # OpenPose's hand box (controlnet_aux handDetect): centre wrist + 0.33 (wrist - elbow), side
+    # 1.5 max(|wrist - elbow|, 0.9 |elbow - shoulder|) = 60. Left: centre (193.2, 100) -> corner (163, 70);
+    # right: centre (60, 193.2) -> corner (30, 163). The face box (faceDetect): half-side
+    # max(3 * 8 (eyes), 1.5 * 16 (ears)) = 24 around the nose -> corner (104, 36), side 48.
+    assert crops == [(60, 60, 3), (60, 60, 3), (48, 48, 3)]
+    assert pose.hands.tolist() == [[[165.0, 73.0, 1.0]] * 21, [[32.0, 166.0, 1.0]] * 21]  # left hand first
+    assert pose.face.tolist() == [[105.0, 38.0, 1.0]] * 70
+    plain = OpenposeDetector("unused", HeadAndArmsStub()).detect(image)
     assert plain.hands is None and plain.face is None

@@ -38,12 +38,19 @@ def test_without_prior_is_plain_mse():
 
 
 def test_targets_for_epsilon_and_v_prediction():
-    latents, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
-    t = torch.tensor([10, 500])
-    eps = DDPMScheduler(prediction_type="epsilon")
+    # Two timesteps with betas 0.2 and 0.375: ᾱ_0 = 0.8 and ᾱ_1 = 0.8 · 0.625 = 0.5.
+    betas = dict(num_train_timesteps=2, trained_betas=[0.2, 0.375])
+    latents = torch.tensor([[[[1.0, 2.0]]], [[[1.0, -1.0]]]])  # x0, (2, 1, 1, 2)
+    noise = torch.tensor([[[[1.0, 0.0]]], [[[3.0, 1.0]]]])  # ε
+    t = torch.tensor([0, 1])
+    eps = DDPMScheduler(prediction_type="epsilon", **betas)
     assert torch.equal(diffusion_target(eps, latents, noise, t), noise)
-    v = DDPMScheduler(prediction_type="v_prediction")
-    assert torch.allclose(diffusion_target(v, latents, noise, t), v.get_velocity(latents, noise, t))
+    v = DDPMScheduler(prediction_type="v_prediction", **betas)
+    assert v.alphas_cumprod.tolist() == pytest.approx([0.8, 0.5])
+    # v = √ᾱ_t · ε − √(1 − ᾱ_t) · x0 (Salimans & Ho 2022): (2ε − x0) / √5 at t = 0, (ε − x0) / √2 at t = 1.
+    s5, s2 = 5**0.5, 2**0.5
+    expected = torch.tensor([[[[1 / s5, -2 / s5]]], [[[2 / s2, 2 / s2]]]])
+    torch.testing.assert_close(diffusion_target(v, latents, noise, t), expected, rtol=0, atol=1e-6)
     bad = DDPMScheduler(prediction_type="sample")
     with pytest.raises(ValueError, match="unsupported prediction_type 'sample'"):
         diffusion_target(bad, latents, noise, t)

@@ -1,13 +1,9 @@
 """Training under `accelerate launch`: each process takes its slice of one global batch, only the main
-process writes, and the whole thing runs through DVC with `common.train_launcher`."""
+process writes (the run through DVC with `common.train_launcher` is in tests/test_pipeline_e2e.py)."""
 
 from __future__ import annotations
 
-import subprocess
-
-import pytest
 import torch
-import yaml
 
 from posebooth import training
 from posebooth.diffusion import add_noise
@@ -50,32 +46,5 @@ def test_noise_of_one_process_is_what_it_always_was_and_ranks_differ():
     assert torch.equal(n0, expected_noise) and not torch.equal(n0, n1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("base", ["sd15", "sdxl"])
-def test_both_training_stages_on_two_processes_through_dvc(tmp_path, tiny_sd, base):
-    """`common.train_launcher: accelerate launch --multi_gpu --num_processes 2` (two CPU processes with
-    gloo here; GPUs, nodes, DeepSpeed or FSDP on a real machine come from `accelerate config`). On SDXL with
-    LoRAs on both text encoders too: DDP stops on any trainable parameter that gets no gradient."""
-    from posebooth import embedded
-    from tests.workspace import git_init, workspace
-
-    ws, env = workspace(tmp_path, "M", str(embedded.cache_root()))
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["common"]["train_launcher"] = "accelerate launch --multi_gpu --num_processes 2 --num_machines 1"
-    if base == "sdxl":
-        params["common"]["model"] = "embedded:tiny-sdxl"
-        params["generate_class_priors"]["controlnet"] = params["train_pose"]["controlnet"] = (
-            "embedded:tiny-sdxl-openpose"
-        )
-        params["train"]["train_text_encoder"] = True
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git_init(ws, env)
-    proc = subprocess.run(["dvc", "repro", "train_stage2_pose"], cwd=ws, env=env, capture_output=True, text=True,
-                          timeout=1800)  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "lora on 2 processes (accelerate launch)" in out and "2 processes (accelerate launch): 1 pair(s)" in out
-    assert (ws / "models/stage1/pytorch_lora_weights.safetensors").exists()
-    assert (ws / "models/stage2/controlnet/diffusion_pytorch_model.safetensors").exists()
-    history = (ws / "plots/train_stage1_appearance/loss.tsv").read_text().splitlines()
-    assert len(history) == 1 + params["train"]["steps"]  # logged once (by the main process), not twice
+# Both training stages on two processes through DVC (`common.train_launcher`): the SDXL end-to-end run in
+# tests/test_pipeline_e2e.py, with LoRAs on both text encoders and pose-paired class priors.

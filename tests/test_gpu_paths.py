@@ -22,17 +22,11 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_sd):
-    """A workspace (test profile) whose stages up to stage 2 ran on the CPU, and its environment."""
-    from posebooth import embedded
-    from tests.workspace import run_stage, workspace
+def trained(tmp_path_factory, reference_run):
+    """A clone of the session's reference run (test profile, every stage ran on the CPU), and its environment."""
+    from tests.workspace import clone
 
-    ws, env = workspace(tmp_path_factory.mktemp("gpu"), "G", str(embedded.cache_root()))
-    for stage in ("prepare_images", "generate_class_priors", "extract_poses", "train_stage1_appearance",
-                  "train_stage2_pose"):  # fmt: skip
-        proc = run_stage(ws, env, stage)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return ws, env
+    return clone(reference_run, tmp_path_factory.mktemp("gpu"), "G")
 
 
 def _rehearse(ws, env, stage: str, **overrides) -> subprocess.CompletedProcess:
@@ -66,6 +60,7 @@ STAGE1_VARIANTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(STAGE1_VARIANTS))
+@pytest.mark.xdist_group("reference")  # the session's reference run
 def test_stage1_trains_with_every_model_on_cuda(trained, variant):
     """Every step of stage 1 (flipped views, validation images, prior preservation, each method) with the
     models on a fake ``cuda`` device: a CPU tensor mixed into a CUDA op stops it, as on a GPU. Before the fix
@@ -81,6 +76,7 @@ def test_stage1_trains_with_every_model_on_cuda(trained, variant):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("reference")  # the session's reference run
 def test_stage2_trains_with_every_model_on_cuda(trained):
     ws, env = trained
     proc = _rehearse(ws, env, "train_stage2_pose")
@@ -89,6 +85,7 @@ def test_stage2_trains_with_every_model_on_cuda(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("reference")  # the session's reference run
 def test_sampling_runs_with_every_model_on_cuda(trained):
     ws, env = trained
     proc = _rehearse(ws, env, "sample")
@@ -98,6 +95,7 @@ def test_sampling_runs_with_every_model_on_cuda(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("reference")  # the session's reference run
 def test_the_rehearsal_stops_on_a_cpu_tensor_mixed_into_cuda_ops(trained):
     """The rehearsal itself: a CPU mask mixed with the latents (the old flip bug) fails it."""
     ws, env = trained
@@ -215,6 +213,7 @@ def test_the_vae_batch_size_does_not_change_the_latents(vae, batch_size):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("reference")  # the session's reference run
 def test_posebooth_generate_makes_the_same_images_in_any_batch_size(trained):
     """``posebooth generate --num-images 3`` in batches of 1 and of 3 (and the default, sample.batch_size):
     every image has its own seeded generator, so batching changes nothing but the memory it needs."""
@@ -306,21 +305,23 @@ def test_out_of_memory_in_sampling_names_its_own_savers():
 
 
 @pytest.mark.slow
-def test_the_whole_pipeline_runs_in_bf16_with_validation_images(tmp_path, tiny_sd):
+def test_the_whole_pipeline_runs_in_bf16_with_validation_images(tmp_path, tiny_sd, monkeypatch):
     """`dvc repro` with ``common.precision: bf16`` (what the CPU can run of half precision; fp16 is GPU-only) and
-    validation images every 3 steps. Before the fix, stage 1's first validation stopped with "Input type (float)
-    and bias type (c10::BFloat16) should be the same": it ran outside autocast."""
+    validation images every 3 steps, through the GPU check's own pipeline check (benchmarks/gpu_check.py, whose
+    dry run in tests/test_benchmarks.py then leaves it out). Before the fix, stage 1's first validation stopped
+    with "Input type (float) and bias type (c10::BFloat16) should be the same": it ran outside autocast."""
     from posebooth import embedded
-    from tests.workspace import git_init, workspace
+    from tests.test_benchmarks import _gpu_check
+    from tests.workspace import own_cache
 
-    ws, env = workspace(tmp_path, "H", str(embedded.cache_root()))
+    for name, value in own_cache(tmp_path, "bf16", str(embedded.cache_root())).items():  # its cache, its `dvc`
+        monkeypatch.setenv(name, value)
+    result = _gpu_check().pipeline_check(tmp_path, "cpu", "bf16", dry_run=True)
+    assert result["ok"], result
+    ws = tmp_path / "pipeline-bf16"
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["common"]["precision"] = "bf16"
-    assert params["train"]["validation_every"] == 3 and params["train"]["flip_prob"] > 0
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git_init(ws, env)
-    proc = subprocess.run(["dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert params["common"]["precision"] == "bf16" and params["train"]["flip_prob"] > 0
+    assert params["train"]["validation_every"] == 3
     validation = sorted((ws / "plots/train_stage1_appearance/images/validation").glob("*.png"))
     assert len(validation) == 2 * (params["train"]["steps"] // 3)  # two prompts at steps 3 and 6
     assert any(np.asarray(Image.open(f)).std() > 0 for f in validation)  # images, not blank frames

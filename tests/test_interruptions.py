@@ -1,12 +1,11 @@
 """Interrupted stages and repeated runs: nothing half-written, resumed runs and repeated runs bit-identical.
 
-Three copies of the repository run the embedded pipeline with the small test profile:
-
-- R, the reference: every stage once, in order, exactly as dvc.yaml runs it (``python -m stages.<name>``);
-- D: `dvc repro` in a git repository with its own cache; every output must equal R's, file by file;
-- K: every stage is first stopped (SIGKILL, SIGTERM or SIGINT, sent at a named point through
-  ``POSEBOOTH_FAILPOINT``) and then run again; a stopped stage leaves no output that looks finished, the
-  re-run resumes where that makes sense and ends with R's files.
+Against the session's reference run (``reference_run``: `dvc repro` of the small test profile, in its own copy of
+the repository with its own cache), another copy K runs every stage as dvc.yaml runs it (``python -m
+stages.<name>``), each first stopped (SIGKILL, SIGTERM or SIGINT, sent at a named point through
+``POSEBOOTH_FAILPOINT``) and then run again: a stopped stage leaves no output that looks finished, the re-run
+resumes where that makes sense, and every output file ends equal to the reference run's, bit for bit (so two
+runs with the same seed give the same adapter weights, images, pose maps, plots and metrics).
 
 Each copy has its own ``POSEBOOTH_CACHE`` (checkpoints, class-prior and sample caches), sharing only the
 session's embedded model, so no copy resumes from another's work.
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from posebooth import outputs
-from tests.workspace import OUTPUTS, STAGES, digests, git_init, leftovers, run_stage, under, workspace
+from tests.workspace import OUTPUTS, STAGES, clone, digests, leftovers, run_stage, under, workspace
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("reference")]
 
 KILLS = [  # (stage, failpoint, exit code, log line the re-run must print)
     ("prepare_images", "before-rename:prepared=TERM", 128 + signal.SIGTERM, None),
@@ -46,42 +46,11 @@ KILLS = [  # (stage, failpoint, exit code, log line the re-run must print)
 ]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_sd) -> tuple[Path, dict, dict]:
-    """R: every stage once, in order, uninterrupted; with the digests of all outputs."""
+def test_every_stage_stopped_then_rerun_ends_as_an_uninterrupted_run(reference_run, tmp_path):
     from posebooth import embedded
 
-    root = tmp_path_factory.mktemp("interruptions")
-    ws, env = workspace(root, "R", str(embedded.cache_root()))
-    for stage in STAGES:
-        proc = run_stage(ws, env, stage)
-        assert proc.returncode == 0, f"{stage}:\n{proc.stderr[-3000:]}"
-    all_outputs = [p for s in STAGES for p in OUTPUTS[s]]
-    assert not leftovers(ws)
-    return ws, env, digests(ws, all_outputs)
-
-
-def test_two_full_runs_are_bit_identical(reference, tmp_path):
-    """`dvc repro` in another copy (its own caches) gives every output file of R bit for bit: adapter weights,
-    images, pose maps, plots and metrics."""
-    from posebooth import embedded
-
-    r_ws, _, expected = reference
-    ws, env = workspace(tmp_path, "D", str(embedded.cache_root()))
-    git_init(ws, env)
-    proc = subprocess.run(["dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = digests(ws, [p for s in STAGES for p in OUTPUTS[s]])
-    assert sorted(got) == sorted(expected)
-    assert any(k.endswith(".safetensors") for k in got) and sum(k.endswith(".png") for k in got) > 20
-    differ = [k for k in expected if got[k] != expected[k]]
-    assert not differ, f"differ between two runs with the same seed: {differ}"
-
-
-def test_every_stage_stopped_then_rerun_ends_as_an_uninterrupted_run(reference, tmp_path):
-    from posebooth import embedded
-
-    _, _, expected = reference
+    expected = reference_run.digests
+    assert any(k.endswith(".safetensors") for k in expected) and sum(k.endswith(".png") for k in expected) > 20
     ws, env = workspace(tmp_path, "K", str(embedded.cache_root()))
     for stage in STAGES:
         for _stage, point, code, resumed in (k for k in KILLS if k[0] == stage):
@@ -117,16 +86,15 @@ def test_every_stage_stopped_then_rerun_ends_as_an_uninterrupted_run(reference, 
     assert (ws / "models/det" / weights).read_bytes() == (ws / "models/stage1" / weights).read_bytes()
 
 
-def test_a_stray_stage_holds_its_lock(reference, tmp_path):
+def test_a_stray_stage_holds_its_lock(reference_run, tmp_path):
     """Killing only `dvc` leaves its stage running; a second copy of the stage refuses to start beside it
     and writes nothing; once the process group is killed, `dvc repro` runs the stage again."""
-    from posebooth import embedded
-
-    ws, env = workspace(tmp_path, "L", str(embedded.cache_root()))
-    git_init(ws, env)
-    for stage in STAGES[:3]:
-        assert run_stage(ws, env, stage).returncode == 0
-    dvc = subprocess.Popen(["dvc", "repro", "-s", "train_stage1_appearance"], cwd=ws, env=env,
+    ws, env = clone(reference_run, tmp_path, "L")
+    for path in OUTPUTS["train_stage1_appearance"]:  # the stage has not run here (and the run cache is not used)
+        target = ws / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    repro = ["dvc", "repro", "--no-run-cache", "-s", "train_stage1_appearance"]
+    dvc = subprocess.Popen(repro, cwd=ws, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     lock = outputs.lock_path("train_stage1_appearance", ws)
     deadline = time.monotonic() + 300
@@ -150,8 +118,7 @@ def test_a_stray_stage_holds_its_lock(reference, tmp_path):
     while _holder(lock):  # the kernel drops the lock with the process
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    again = subprocess.run(["dvc", "repro", "-s", "train_stage1_appearance"], cwd=ws, env=env, capture_output=True,
-                           text=True, timeout=900)  # fmt: skip
+    again = subprocess.run(repro, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert (ws / "models/stage1/pytorch_lora_weights.safetensors").exists() and not leftovers(ws)
 
@@ -184,15 +151,13 @@ print("LOADS=" + json.dumps(counts))
 """
 
 
-def test_generation_stages_load_their_models_once(reference, tmp_path):
+def test_generation_stages_load_their_models_once(reference_run, tmp_path):
     """Class priors and sampling load the base model once per stage, however many batches they make (4 and 4
-    here, nothing cached), and give R's files."""
-    ws, env, expected = reference
-    cache = tmp_path / "cache"  # nothing cached but the embedded model: every batch is made
-    cache.mkdir()
-    (cache / "embedded").symlink_to(Path(env["POSEBOOTH_CACHE"]) / "embedded")
-    proc = subprocess.run([sys.executable, "-c", LOAD_COUNTER], cwd=ws, env=dict(env, POSEBOOTH_CACHE=str(cache)),
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    here, nothing cached), and give the reference run's files."""
+    expected = reference_run.digests
+    ws, env = clone(reference_run, tmp_path, "once")  # its own cache: nothing cached, every batch is made
+    proc = subprocess.run([sys.executable, "-c", LOAD_COUNTER], cwd=ws, env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     loads = json.loads(proc.stdout.split("LOADS=")[-1])
     assert loads == {"stages.generate_class_priors": 1, "stages.sample": 1}

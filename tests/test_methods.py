@@ -149,6 +149,76 @@ def test_one_step_changes_exactly_what_the_method_trains(tiny_sd, case):
         assert torch.equal(emb.e0, before["text_encoder.embeddings.token_embedding.e0"])
 
 
+def _fixed_batch(comp, latents, seed: int):
+    """The (noisy latents, noise, timesteps) that ``run_steps(fixed=seed)`` trains on at every step."""
+    g = torch.Generator().manual_seed(seed)
+    x = latents[torch.randint(0, len(latents), (2,), generator=g)]
+    return add_noise(comp.noise_scheduler, x, g)
+
+
+def _hand_adamw(theta, grad_of, lr: float, weight_decay: float, steps: int) -> torch.Tensor:
+    """``steps`` of AdamW (Loshchilov & Hutter; torch's defaults β = (0.9, 0.999), ε = 1e-8) on ``theta``,
+    written out in float64: decoupled decay, then the bias-corrected moment step."""
+    theta = theta.double()
+    m, v = torch.zeros_like(theta), torch.zeros_like(theta)
+    for k in range(1, steps + 1):
+        g = grad_of(theta.float()).double()
+        theta = theta * (1 - lr * weight_decay)
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+        theta = theta - lr * (m / (1 - 0.9**k)) / ((v / (1 - 0.999**k)).sqrt() + 1e-8)
+    return theta
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "momentum_ti"])
+def test_the_identifier_row_moves_as_adamw_lr_and_gamma_imply(tiny_sd, method):
+    """The learned row after 3 steps on one fixed batch equals a hand-written AdamW on that row alone
+    (with the gradient clipping the stage applies): a wrong learning rate (lr vs ti_lr) or γ misses it."""
+    import copy
+
+    steps, gamma = 3, 0.25  # γ not the default 0.1; lr and ti_lr apart, so that each method must use its own
+    t = train_cfg(method=method, lr=1e-2, ti_lr=4e-2, momentum_gamma=gamma, weight_decay=0.1)
+    comp = load_components("embedded:tiny-sd15")
+    latents = subject_latents(comp)
+    tr = setup_method(comp, method, t)
+    token = comp.tokenizer.convert_tokens_to_ids("sks</w>")
+    emb = comp.text_encoder.get_input_embeddings()
+    # The reference: a copy of the text encoder with its plain embedding table, the row set by hand.
+    ref_te = copy.deepcopy(comp.text_encoder)
+    if method == "momentum_ti":
+        ref_te.set_input_embeddings(ref_te.get_input_embeddings().base)
+        e0, start = emb.e0.clone(), emb.theta.detach().clone()
+    else:
+        start = emb.weight[token].detach().clone()
+    table = ref_te.get_input_embeddings().weight
+    table.requires_grad_(True)
+    noisy, noise, ts = _fixed_batch(comp, latents, 123)
+    ids = comp.tokenizer([PROMPT] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def grad_of(theta: torch.Tensor) -> torch.Tensor:
+        row = e0 + gamma * (theta - e0) if method == "momentum_ti" else theta
+        with torch.no_grad():
+            table[token] = row
+        table.grad = None
+        pred = comp.unet(noisy, ts, ref_te(ids)[0]).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()  # ε-prediction: the target is the noise
+        # The stage clips the trained tensors' gradient norm to max_grad_norm (torch's clip_grad_norm_):
+        # θ's for momentum TI (d row / d θ = γ), the whole table's for textual inversion.
+        g = gamma * table.grad[token] if method == "momentum_ti" else table.grad[token]
+        norm = g.norm() if method == "momentum_ti" else table.grad.norm()
+        return g * min(1.0, t.max_grad_norm / (norm.item() + 1e-6))
+
+    lr = t.ti_lr if method == "momentum_ti" else t.lr
+    expected = _hand_adamw(start, grad_of, lr, t.weight_decay, steps)
+    if method == "momentum_ti":
+        expected = e0 + gamma * (expected - e0)
+    before = methods.identifier_embedding(comp, "sks")[0].clone()  # (a view of the live table)
+    run_steps(comp, tr, t, latents, steps, fixed=123)
+    after = methods.identifier_embedding(comp, "sks")[0]
+    moved = (expected - before.double()).abs()
+    assert moved.mean() > 0.5 * steps * lr * (gamma if method == "momentum_ti" else 1)  # Adam: ~lr per step
+    torch.testing.assert_close(after.double(), expected, atol=1e-5, rtol=0)
+
+
 def _image(pipe) -> np.ndarray:
     return pipe(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, guidance_scale=5.0,
                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]  # fmt: skip
@@ -164,6 +234,8 @@ def _stock(folder) -> StableDiffusionPipeline:
 # Learning rate, and the loss ratio (after / before) a 30-step overfit must beat: one embedding row moves
 # the loss of the tiny model far less than a LoRA (and momentum TI moves it only γ = 0.1 as far); every
 # computation is deterministic, so even a small ratio below 1 is the row's doing.
+# For those two the bar only says the loss went down: the size of their step (lr, γ) is checked exactly
+# by test_the_identifier_row_moves_as_adamw_lr_and_gamma_imply.
 OVERFIT = {"lora": (1e-2, 0.6), "full": (1e-3, 0.5), "custom_diffusion": (1e-2, 0.8),
            "textual_inversion": (3e-2, 0.99), "momentum_ti": (0.3, 0.995)}  # fmt: skip
 

@@ -283,16 +283,21 @@ def test_inception_weights_load_safely(tmp_path):
         fidelity.load_inception_state(str(tmp_path / "missing.pth"))
 
 
-def test_inception_offline_fails_at_once_naming_the_file(monkeypatch, tmp_path):
-    import time
-
+def test_inception_offline_fails_at_once_naming_the_file(monkeypatch, tmp_path, refused_connections):
     from posebooth import fidelity
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    start = time.monotonic()
     with pytest.raises(OSError, match=r"InceptionV3 weights .* download https://github.com/toshas/torch-fidelity"):
         fidelity.load_inception_state("")
-    assert time.monotonic() - start < 5
+    assert refused_connections == []  # offline (the session's flag): no download tried
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # without it, when github.com does not answer: the probe, nothing more
+    from posebooth import hub
+
+    hub.reachable.cache_clear()
+    with pytest.raises(OSError, match=r"InceptionV3 weights .* github.com cannot be reached"):
+        fidelity.load_inception_state("")
+    assert [port for _, port in refused_connections] == [443]
+    hub.reachable.cache_clear()
 
 
 def test_face_identity_with_an_injected_embedder():

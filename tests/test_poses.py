@@ -178,12 +178,17 @@ def test_mirror_and_scale():
     names = dog.skeleton.names
     assert m.keypoints[names.index("right_front_paw")].tolist() == [400 - 110, 200, 0.9]  # the left paw, mirrored
     assert not m.visible[names.index("left_hind_paw")]  # the absent right hind paw is now the left one
-    s = scale_pose(dog, 0.5)
-    vis = dog.visible
-    centre = (dog.keypoints[vis, :2].min(0) + dog.keypoints[vis, :2].max(0)) / 2
-    assert np.allclose(s.keypoints[vis, :2], (dog.keypoints[vis, :2] - centre) * 0.5 + centre)
-    big = scale_pose(dog, 3.0)
-    assert big.visible.sum() < vis.sum()  # points pushed off the canvas become absent
+    # Four visible points on a 100 x 80 canvas; their box is x 20..60, y 10..50, centre (40, 30) (their mean,
+    # (33.5, 23.5), is not it; nor is the box of all 18 rows, absent ones at (0, 0) included).
+    kp = np.zeros((18, 3))
+    kp[[0, 1, 4, 7]] = [[20, 10, 0.9], [60, 20, 0.8], [30, 50, 0.7], [24, 14, 0.6]]
+    pose = Pose(100, 80, kp)
+    half = np.zeros((18, 3))
+    half[[0, 1, 4, 7]] = [[30, 20, 0.9], [50, 25, 0.8], [35, 40, 0.7], [32, 22, 0.6]]  # halfway to (40, 30)
+    assert scale_pose(pose, 0.5).keypoints.tolist() == half.tolist()
+    double = np.zeros((18, 3))
+    double[[1, 4]] = [[80, 10, 0.8], [20, 70, 0.7]]  # (0, -10) and (8, -2) leave the canvas: absent
+    assert scale_pose(pose, 2.0).keypoints.tolist() == double.tolist()
 
 
 def test_target_pose_library_takes_files_images_and_variants(tmp_path):

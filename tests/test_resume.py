@@ -1,15 +1,17 @@
-"""A training stage killed with SIGKILL resumes from its last checkpoint and ends bit-identical."""
+"""A training stage killed with SIGKILL resumes from its last checkpoint and ends bit-identical.
+
+The kill comes from the stage itself at an exact point (``POSEBOOTH_FAILPOINT``, posebooth/outputs.py), right after
+a given checkpoint is written, so no timing decides where it stops; the stage runs with a cache of its own.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,10 @@ from tests.profile import apply_profile
 STAGE = "stages.train_stage1_appearance"
 
 
-def _start(cwd: Path, out: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _run(cwd: Path, env: dict, out: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(env, PYTHONPATH=str(ROOT), **({"POSEBOOTH_FAILPOINT": failpoint} if failpoint else {}))
     cmd = [sys.executable, "-m", STAGE, "--out", f"models/{out}", "--metrics", f"{out}.json", "--plots", f"plots_{out}"]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _sha(path: Path) -> str:
@@ -34,48 +35,49 @@ def _sha(path: Path) -> str:
 
 @pytest.mark.parametrize("method", ["lora", "momentum_ti"])  # momentum_ti: killed in its second phase
 def test_sigkilled_training_resumes_to_identical_weights(tmp_path, monkeypatch, method):
+    from posebooth import embedded
     from stages import generate_class_priors, prepare_images
+    from tests.workspace import own_cache
 
     shutil.copytree(ROOT / "data" / "subject", tmp_path / "data" / "subject")
     params = apply_profile(yaml.safe_load((ROOT / "params.yaml").read_text()))
     params["common"]["seed"] = 31337
-    params["train"].update(steps=60, checkpoint_every=5, gradient_accumulation_steps=2, flip_prob=0.5,
+    # 12 optimizer steps (of 2 accumulated batches each), a checkpoint after steps 4 and 8, validation images after
+    # steps 4, 8 and 12; momentum TI: 4 LoRA steps (no checkpoint: the last step has none), then 12 momentum steps.
+    params["train"].update(steps=12, checkpoint_every=4, gradient_accumulation_steps=2, flip_prob=0.5,
                            validation_every=4, validation_steps=2, method=method)  # fmt: skip
     if method == "momentum_ti":
-        params["train"].update(steps=10, ti_steps=50)
+        params["train"].update(steps=4, ti_steps=12)
     last_phase = "momentum" if method == "momentum_ti" else "lora"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     for stage in (prepare_images, generate_class_priors):
         monkeypatch.setattr(sys, "argv", [stage.__name__])
         stage.main()
-    ckpt_root = Path(os.environ["POSEBOOTH_CACHE"]) / "checkpoints" / "train_stage1_appearance"
+    env = own_cache(tmp_path, "resume", str(embedded.cache_root()))
+    ckpt_root = Path(env["POSEBOOTH_CACHE"]) / "checkpoints" / "train_stage1_appearance"
 
-    full = _start(tmp_path, "a")
-    assert full.wait(timeout=600) == 0, full.stderr.read()
+    full = _run(tmp_path, env, "a")
+    assert full.returncode == 0, full.stderr[-3000:]
     assert not list(ckpt_root.glob("*/*/state.json")), "a finished training leaves no checkpoint behind"
 
-    killed = _start(tmp_path, "b")
-    deadline = time.monotonic() + 600
-    while not list(ckpt_root.glob(f"*/{last_phase}/state.json")):
-        assert killed.poll() is None, "finished before its first checkpoint: make the run longer"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(killed.pid, signal.SIGKILL)  # the whole process group, as a stopped `dvc` would leave it
-    killed.wait(timeout=60)
+    # SIGKILL right after the checkpoint of step 8 (momentum TI first saves the end of its LoRA phase).
+    nth = 3 if method == "momentum_ti" else 2
+    killed = _run(tmp_path, env, "b", failpoint=f"checkpoint-saved@{nth}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (tmp_path / "models" / "b").exists() and not (tmp_path / "b.json").exists()  # nothing half-written
-    step = json.loads(next(ckpt_root.glob(f"*/{last_phase}/state.json")).read_text())["step"]
-    assert 5 <= step < 50
+    (state,) = ckpt_root.glob(f"*/{last_phase}/state.json")
+    assert json.loads(state.read_text())["step"] == 8
 
-    resumed = _start(tmp_path, "b")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    assert f"resuming {last_phase} from the checkpoint after step {step}" in resumed.stderr.read()
+    resumed = _run(tmp_path, env, "b")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {last_phase} from the checkpoint after step 8" in resumed.stderr
     files = sorted(p.name for p in (tmp_path / "models/a").glob("*.safetensors"))
     assert files == sorted(p.name for p in (tmp_path / "models/b").glob("*.safetensors"))
     assert len(files) == (3 if method == "momentum_ti" else 2)  # (the LoRA, its kohya export, the embedding)
     assert all(_sha(tmp_path / "models/a" / f) == _sha(tmp_path / "models/b" / f) for f in files)
     assert (tmp_path / "plots_a/loss.tsv").read_text() == (tmp_path / "plots_b/loss.tsv").read_text()
     images = {p.name: _sha(p) for p in (tmp_path / "plots_a/images/validation").glob("*.png")}
-    assert len(images) == 2 * 15  # every validation image, also those logged before the kill
+    assert len(images) == 2 * (4 if method == "momentum_ti" else 3)  # every one, also those logged before the kill
     assert images == {p.name: _sha(p) for p in (tmp_path / "plots_b/images/validation").glob("*.png")}
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())

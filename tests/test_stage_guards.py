@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,36 +109,63 @@ def test_stale_temporary_folders_are_removed_only_under_the_lock(tmp_path, monke
 Usage = namedtuple("Usage", "total used free")
 
 
+def _disk_full_in(monkeypatch, *folders: Path) -> list[Path]:
+    """``shutil.disk_usage`` that reports 1 MB free for ``folders`` and paths inside them, 1 TB anywhere else
+    (the current directory, /tmp); returns the list of the paths it was asked about."""
+    full = [Path(f).resolve() for f in folders]
+    asked = []
+
+    def usage(path):
+        path = Path(path).resolve()
+        asked.append(path)
+        return Usage(10**12, 0, 2**20 if any(path.is_relative_to(f) for f in full) else 10**12)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    return asked
+
+
 def test_free_space_is_checked_per_file_system(tmp_path, monkeypatch):
     seen = []
 
     def usage(path):
         seen.append(Path(path))
-        return Usage(10**12, 0, 100 * 2**20)  # 100 MB free
+        return Usage(10**12, 0, 100 * 2**20 if Path(path) == tmp_path else 10**12)  # 100 MB free in tmp_path only
 
     monkeypatch.setattr(shutil, "disk_usage", usage)
     outputs.require_free_space({tmp_path / "a": 40 * 2**20, tmp_path / "b/c/d": 30 * 2**20}, "s")  # 70 MB + margin
     assert seen == [tmp_path]  # one file system, looked up once, through the nearest existing folder
-    with pytest.raises(OSError, match=r"s: not enough free disk space in .*: about 105 MB needed, 100 MB free"):
+    # 85 MB * 1.05 + 16 MB = 105 MB > 100 MB: only a check of tmp_path itself sees the shortage.
+    with pytest.raises(
+        OSError, match=rf"s: not enough free disk space in {re.escape(str(tmp_path))}: about 105 MB needed, 100 MB free"
+    ):
         outputs.require_free_space({tmp_path / "a": 40 * 2**20, tmp_path / "b": 45 * 2**20}, "s")
+    assert seen == [tmp_path, tmp_path]
 
 
-def test_a_full_disk_stops_stages_before_they_write(workspace, monkeypatch):
+def test_a_full_disk_stops_stages_before_they_write(workspace, tmp_path, monkeypatch):
     from stages import generate_class_priors, prepare_images
 
-    real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 2**20))  # 1 MB free
-    with pytest.raises(OSError, match=r"prepare_images: not enough free disk space .* nothing has been written"):
+    data = (workspace / "data").resolve()  # the nearest existing folder of data/prepared and data/class_priors
+    asked = _disk_full_in(monkeypatch, data)
+    with pytest.raises(
+        OSError,
+        match=rf"prepare_images: not enough free disk space in {re.escape(str(data))}: .* nothing has been written",
+    ):
         _run_stage(monkeypatch, prepare_images)
+    assert asked == [data]
     assert not (workspace / "data" / "prepared").exists() and not (workspace / "metrics").exists()
-    monkeypatch.setattr(shutil, "disk_usage", real)
+    asked = _disk_full_in(monkeypatch, tmp_path / "another_disk")  # full elsewhere: the stage writes
     _run_stage(monkeypatch, prepare_images)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 2**20))
+    assert asked == [data] and (workspace / "data" / "prepared").is_dir()
+
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["common"]["seed"] = 4242  # nothing of this seed in the session's class-prior cache
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    cache = Path(os.environ["POSEBOOTH_CACHE"]).resolve()  # generated images go to the cache, then to data/
+    asked = _disk_full_in(monkeypatch, cache, data)
     with pytest.raises(OSError, match=r"generate_class_priors: not enough free disk space"):
         _run_stage(monkeypatch, generate_class_priors)
+    assert asked and all(p.is_relative_to(cache) or p == data for p in asked)
     assert not (workspace / "data" / "class_priors").exists()
 
 

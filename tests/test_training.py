@@ -21,15 +21,18 @@ def knobs(**change):
 
 
 def test_min_snr_weights_by_hand():
-    sched = DDPMScheduler()
-    t = torch.tensor([0, 999])
-    ac = sched.alphas_cumprod[t]
-    snr = ac / (1 - ac)
-    w = min_snr_weights(sched, t, 5.0)
-    assert w[0] == pytest.approx((5.0 / snr[0]).item())  # low noise: SNR > γ, weight < 1
-    assert w[1] == pytest.approx(1.0)  # high noise: SNR < γ, weight 1
-    v = DDPMScheduler(prediction_type="v_prediction")
-    assert min_snr_weights(v, t, 5.0)[1] == pytest.approx((snr[1] / (snr[1] + 1)).item())
+    # Betas chosen so that ᾱ_t = 0.9, 0.8, 0.5, 0.2: SNR = ᾱ / (1 − ᾱ) = 9, 4, 1, 0.25.
+    betas = dict(num_train_timesteps=4, trained_betas=[0.1, 1 / 9, 0.375, 0.6])
+    eps = DDPMScheduler(prediction_type="epsilon", **betas)
+    v = DDPMScheduler(prediction_type="v_prediction", **betas)
+    assert eps.alphas_cumprod.tolist() == pytest.approx([0.9, 0.8, 0.5, 0.2])
+    t = torch.tensor([0, 1, 2, 3])
+    # Min-SNR-γ (Hang et al. 2023): min(SNR, γ) / SNR for ε-prediction, min(SNR, γ) / (SNR + 1) for v.
+    assert min_snr_weights(eps, t, 5.0).tolist() == pytest.approx([5 / 9, 1.0, 1.0, 1.0], rel=1e-5)
+    assert min_snr_weights(eps, t, 2.0).tolist() == pytest.approx([2 / 9, 0.5, 1.0, 1.0], rel=1e-5)
+    assert min_snr_weights(v, t, 5.0).tolist() == pytest.approx([0.5, 0.8, 0.5, 0.2], rel=1e-5)
+    assert min_snr_weights(v, t, 2.0).tolist() == pytest.approx([0.2, 0.4, 0.5, 0.2], rel=1e-5)
+    assert min_snr_weights(eps, torch.tensor([2, 0]), 5.0).tolist() == pytest.approx([1.0, 5 / 9], rel=1e-5)
 
 
 def test_weighted_loss_by_hand():

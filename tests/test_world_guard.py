@@ -22,7 +22,7 @@ import yaml
 
 from tests.workspace import copy_repository, git_init, remove_outputs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("guard")]
 
 # A cut-down sample and evaluate: four context prompts, one posed prompt in three poses, four seeds.
 GUARD = {

@@ -1,7 +1,8 @@
 """Workspaces for the tests that run the pipeline: copies of the repository, stages run in them, digests.
 
-Shared by the end-to-end, interruption and distributed tests, and ``copy_repository`` by
-``benchmarks/pipeline_times.py``. Importing this module changes no environment (unlike ``tests.conftest``).
+Shared by the end-to-end, interruption, GPU-path and SDXL tests (through the session's one reference run,
+``reference_run`` in tests/conftest.py, and ``clone`` of it), and ``copy_repository`` by the benchmarks.
+Importing this module changes no environment (unlike ``tests.conftest``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -51,6 +53,7 @@ def stage_outputs() -> dict[str, list[str]]:
 
 
 OUTPUTS = stage_outputs()
+ALL_OUTPUTS = [p for s in STAGES for p in OUTPUTS[s]]
 
 
 def remove_outputs(ws: Path) -> None:
@@ -80,6 +83,12 @@ def workspace(root: Path, name: str, embedded_dir: str) -> tuple[Path, dict]:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+    return dest, own_cache(root, name, embedded_dir)
+
+
+def own_cache(root: Path, name: str, embedded_dir: str) -> dict:
+    """The environment of a workspace with a ``POSEBOOTH_CACHE`` of its own under ``root`` (checkpoints,
+    class-prior and sample caches), sharing only the session's built embedded models."""
     cache = root / f"cache-{name}"
     cache.mkdir()
     (cache / "embedded").symlink_to(embedded_dir)
@@ -87,15 +96,53 @@ def workspace(root: Path, name: str, embedded_dir: str) -> tuple[Path, dict]:
         os.environ, POSEBOOTH_CACHE=str(cache), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     )
     env.pop("POSEBOOTH_FAILPOINT", None)
-    return dest, env
+    return env
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The session's one `dvc repro` of the test profile: its workspace (a git repository with every output
+    committed), its environment, the output of `dvc repro`, and the digests of every stage output."""
+
+    ws: Path
+    env: dict
+    stdout: str
+    digests: dict[str, str]
+
+
+def reference(root: Path, embedded_dir: str) -> Reference:
+    """`dvc repro` of a ``workspace`` under ``root``, then everything committed to git (so that copies can run
+    experiments)."""
+    ws, env = workspace(root, "reference", embedded_dir)
+    git_init(ws, env)
+    proc = subprocess.run(["dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    git_commit(ws, env, "pipeline outputs")
+    return Reference(ws, env, proc.stdout, digests(ws, ALL_OUTPUTS))
+
+
+def clone(ref: Reference, root: Path, name: str) -> tuple[Path, dict]:
+    """A copy of the reference workspace under ``root`` (git, DVC cache, outputs) with a cache of its own: for
+    tests that change what they run in. The reference itself is never changed (the session checks it)."""
+    ws = root / name
+    shutil.copytree(ref.ws, ws, symlinks=True)
+    return ws, own_cache(root, name, os.path.realpath(Path(ref.env["POSEBOOTH_CACHE"]) / "embedded"))
+
+
+def git_commit(ws: Path, env: dict, message: str) -> None:
+    """Commit everything in ``ws`` (an empty commit when nothing changed)."""
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", message, "--allow-empty"]):
+        subprocess.run(cmd, cwd=ws, env=env | WHO, check=True, capture_output=True)
+
+
+WHO = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t",
+       "GIT_COMMITTER_EMAIL": "t@t.invalid"}  # fmt: skip
 
 
 def git_init(ws: Path, env: dict) -> None:
     """Make ``ws`` a git repository with one commit (DVC needs one)."""
-    who = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t.invalid"}  # fmt: skip
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", ws.name]):
-        subprocess.run(cmd, cwd=ws, env=env | who, check=True, capture_output=True)
+        subprocess.run(cmd, cwd=ws, env=env | WHO, check=True, capture_output=True)
 
 
 def under(key: str, paths: list[str]) -> bool:
