@@ -42,7 +42,7 @@ test: venv
 	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-all: venv
-	$(BIN)/python -m pytest -m slow --durations=15
+	$(BIN)/python -m pytest -m slow -n 2 --dist loadgroup --durations=15
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
