@@ -86,7 +86,7 @@ def test_openpose_from_a_local_folder_runs_offline(random_openpose_weights):
 
     detector = make_detector("openpose", settings(openpose_weights=str(random_openpose_weights)))
     model = detector.estimator.model
-    saved = torch.load(random_openpose_weights / "body_pose_model.pth")
+    saved = torch.load(random_openpose_weights / "body_pose_model.pth", weights_only=True)  # tensors only
     loaded = {".".join(k.split(".")[1:]): v for k, v in model.state_dict().items()}  # the file's key layout
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
