@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.workspace import gpu_check_module
 
 
 def _run(*args: str) -> str:
@@ -38,19 +38,10 @@ def test_class_priors_speed_prints_the_ratio(tiny_sd):
     assert "batched vs one at a time:" in out and "largest pixel difference" in out
 
 
-def _gpu_check():
-    """benchmarks/gpu_check.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_committed_sd15_configs_build_the_published_parameter_counts():
     from accelerate import init_empty_weights
 
-    gpu_check = _gpu_check()
+    gpu_check = gpu_check_module()
     configs = gpu_check.load_configs()
     assert gpu_check.model_index_problems(configs) == []
     with init_empty_weights():  # on the meta device: no 4 GB of random weights

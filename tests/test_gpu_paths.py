@@ -311,12 +311,11 @@ def test_the_whole_pipeline_runs_in_bf16_with_validation_images(tmp_path, tiny_s
     dry run in tests/test_benchmarks.py then leaves it out). Before the fix, stage 1's first validation stopped
     with "Input type (float) and bias type (c10::BFloat16) should be the same": it ran outside autocast."""
     from posebooth import embedded
-    from tests.test_benchmarks import _gpu_check
-    from tests.workspace import own_cache
+    from tests.workspace import gpu_check_module, own_cache
 
     for name, value in own_cache(tmp_path, "bf16", str(embedded.cache_root())).items():  # its cache, its `dvc`
         monkeypatch.setenv(name, value)
-    result = _gpu_check().pipeline_check(tmp_path, "cpu", "bf16", dry_run=True)
+    result = gpu_check_module().pipeline_check(tmp_path, "cpu", "bf16", dry_run=True)
     assert result["ok"], result
     ws = tmp_path / "pipeline-bf16"
     params = yaml.safe_load((ws / "params.yaml").read_text())

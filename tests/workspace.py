@@ -8,6 +8,7 @@ Importing this module changes no environment (unlike ``tests.conftest``).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -179,3 +180,12 @@ def leftovers(ws: Path) -> list[str]:
         for p in ws.glob(pattern)
         if ".git" not in p.parts and ".dvc" not in p.parts
     )
+
+
+def gpu_check_module():
+    """benchmarks/gpu_check.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
