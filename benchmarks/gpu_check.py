@@ -530,14 +530,14 @@ def pipeline_outcome(ws: Path) -> tuple[list[str], str]:
     ControlNet, samples), and a summary of what it made."""
     metrics = ws / "metrics" / "train_stage1_appearance.json"
     loss = json.loads(metrics.read_text()).get("loss") if metrics.exists() else None
-    images = len(list((ws / "plots" / "train_stage1_appearance" / "images").rglob("*.png")))
+    images = len(list((ws / "plots" / "train_stage1_appearance" / "plots" / "images").rglob("*.png")))
     samples = ws / "samples" / "index.json"
     n_samples = len(list((ws / "samples" / "images").rglob("*.png"))) if samples.exists() else 0
     problems = []
     if loss is None or not math.isfinite(loss):
         problems.append(f"final stage-1 loss {loss} is not a finite number")
     if images == 0:
-        problems.append("no validation images in plots/train_stage1_appearance/images")
+        problems.append("no validation images in plots/train_stage1_appearance/plots/images")
     if not (ws / "models" / "stage2").is_dir():
         problems.append("no models/stage2")
     if n_samples == 0:

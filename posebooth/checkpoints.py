@@ -1,23 +1,26 @@
 """Training checkpoints outside the stage's DVC outputs, so an interrupted stage resumes when re-run.
 
 DVC deletes a stage's outputs before it runs the stage again, so checkpoints live in
-``$POSEBOOTH_CACHE/checkpoints/<stage>/<key>/``, where the key hashes the stage's params and the bytes
-of its inputs: a checkpoint is only ever resumed by the same training. A checkpoint holds the whole
-state (trainable weights, optimizer state, lr-scheduler state, the fp16 gradient scaler's state, the training
-RNG, the step) as
-safetensors and JSON, nothing pickled; it is written atomically and removed once training completes.
+``$POSEBOOTH_CACHE/checkpoints/<stage>/<key>/``, where the key hashes the stage's params, the bytes of its
+inputs and the workspace's path: a checkpoint is only ever resumed by the same training in the same workspace
+(see ``checkpoint_dir``). A checkpoint holds the whole state (trainable weights, optimizer state, lr-scheduler
+state, the fp16 gradient scaler's state, the training RNG, the step) as safetensors and JSON, nothing pickled;
+it is written atomically and removed once training completes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 
 from posebooth import embedded, outputs
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(params: dict, inputs: list[str | Path]) -> str:
@@ -31,8 +34,19 @@ def fingerprint(params: dict, inputs: list[str | Path]) -> str:
     return h.hexdigest()[:20]
 
 
-def checkpoint_dir(stage: str, key: str) -> Path:
-    return embedded.cache_root().parent / "checkpoints" / stage / key
+def per_workspace(key: str, root: str | Path = ".") -> str:
+    """``key`` made private to the workspace ``root`` (the repository a stage runs in, its working folder
+    under DVC), by hashing in its resolved path: a re-run in the same workspace finds the same key."""
+    return hashlib.sha256(f"{key}\0{Path(root).resolve()}".encode()).hexdigest()[:20]
+
+
+def checkpoint_dir(stage: str, key: str, root: str | Path = ".") -> Path:
+    """``$POSEBOOTH_CACHE/checkpoints/<stage>/<key>/``, the key made per workspace (``root``)."""
+    # Per workspace, not shared like the class-prior cache: a run rewrites its checkpoint (`atomic_dir` also
+    # removes its siblings' temporary folders as stale) and deletes it when training completes, so two queued
+    # experiments with equal training params (`dvc queue start -j 2`, each in its own `.dvc/tmp/exps/`
+    # workspace) would train into one folder and the first to finish would delete the other's (issue 18).
+    return embedded.cache_root().parent / "checkpoints" / stage / per_workspace(key, root)
 
 
 def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -83,6 +97,7 @@ def save(
             "step": step, "optimizer": opt_rest, "lr_scheduler": lr_scheduler.state_dict(), "history": history,
             "scaler": scaler.state_dict() if scaler is not None else None,
         })  # fmt: skip
+    log.info("training state of step %d saved in %s", step, folder)
     outputs.failpoint("checkpoint-saved")
 
 

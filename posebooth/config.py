@@ -58,6 +58,7 @@ class Common:
     precision: Literal["fp32", "fp16", "bf16"]  # of the frozen weights and the forward pass; trained weights stay fp32
     deterministic: bool  # GPU: deterministic kernels only (slower); CPU runs are bit-identical either way
     train_launcher: str  # what runs the training stages (dvc.yaml's cmd): python, or accelerate launch [options]
+    monitor_system: bool  # training stages: dvclive's system figures beside the curves (they vary by run)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class Train(Optimisation):
     alpha: float = _positive()
     target_modules: list[str]
     flip_prob: float = _prob()  # horizontal flips of the instance images (latents cached per variant)
-    export_kohya: bool  # also write the LoRA in kohya's layout (AUTOMATIC1111, ComfyUI)
+    export_kohya: bool  # also write exports/ for AUTOMATIC1111/Forge and ComfyUI (posebooth/exports.py)
     class_word_in_prompt: bool  # false: train on "a photo of sks" (prompt regularisation)
     prompt_templates: list[
         str
@@ -160,6 +161,7 @@ class TrainPose(Optimisation):
     train_unet_lora: bool  # also go on training the stage-1 UNet LoRA (MagicPose keeps it frozen)
     unet_lr: float = _positive()  # its learning rate
     empty_prompt_prob: float = _prob()
+    export: bool  # also write exports/ for AUTOMATIC1111/Forge and ComfyUI (posebooth/exports.py)
 
 
 @dataclass(frozen=True)

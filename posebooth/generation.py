@@ -36,13 +36,15 @@ def generate(
     control_image: Image.Image | list[Image.Image] | None = None,
     conditioning_scale: float = 1.0,
     control_guidance: tuple[float, float] = (0.0, 1.0),
+    width: int | None = None,
+    height: int | None = None,
 ) -> list[Image.Image]:
     """One image per seed in a single batch: for ``prompt``, or for ``prompt[i]`` when it is a list (and for
     ``control_image[i]`` when that is a list); image i depends only on its prompt, pose and ``seeds[i]``.
 
     Each image gets its own ``torch.Generator``, so the noise does not depend on how images are batched.
     ``control_guidance`` is the (start, end) fraction of the denoising steps during which the ControlNet
-    steers.
+    steers. ``width`` and ``height`` (pixels, multiples of 8) default to ``resolution``.
     """
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     prompts = prompt if isinstance(prompt, list) else [prompt] * len(seeds)
@@ -53,8 +55,8 @@ def generate(
         negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
-        height=resolution,
-        width=resolution,
+        height=height or resolution,
+        width=width or resolution,
         generator=generators,
     )
     if control_image is not None:

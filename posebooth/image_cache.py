@@ -6,6 +6,10 @@ written atomically as soon as each batch is made. The key covers everything that
 class priors: model, prompt, negative prompt, size, steps, guidance, scheduler, precision; the model by
 ``models.weights_fingerprint``, so changed weights under the same name are not mistaken for the old ones); an
 interrupted or repeated run takes the valid images it finds there and generates only the rest.
+
+Class priors are shared by every workspace (queued experiments included): the key addresses the content, each
+image is written atomically and no run deletes them. The ``sample`` stage deletes its cache when it finishes,
+so it keys it per workspace (``checkpoints.per_workspace``), like the training checkpoints.
 """
 
 from __future__ import annotations

@@ -142,23 +142,3 @@ def save_controlnet_lora(controlnet, folder: str | Path) -> Path:
     path = Path(folder) / LORA_FILE
     _rewrite_canonically(path)
     return path
-
-
-KOHYA_FILE = "subject_lora_kohya.safetensors"
-
-
-def export_kohya(diffusers_file: Path, out_file: Path, alpha: float) -> Path:
-    """Write the LoRA in kohya's key layout (``lora_unet_…``), which AUTOMATIC1111 and ComfyUI read.
-
-    Converted the way diffusers' SDXL DreamBooth script does (diffusers → PEFT → kohya); the ``.alpha``
-    entries carry the trained alpha (the converter would write the rank).
-    """
-    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-    from safetensors.torch import load_file, save_file
-
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(str(diffusers_file))))
-    for key in kohya:
-        if key.endswith(".alpha"):
-            kohya[key] = torch.tensor(float(alpha))
-    save_file({k: v.contiguous() for k, v in sorted(kohya.items())}, str(out_file))
-    return out_file

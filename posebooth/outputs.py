@@ -184,6 +184,39 @@ def write_json(path: str | Path, data) -> None:
         raise
 
 
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested keys joined with dots, as `dvc exp show` and `dvc metrics diff` name their columns."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def is_metric_value(value) -> bool:
+    """A number or None: what a DVC metrics file holds (a boolean shows as the text True/False, so it is not)."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def check_metrics(data: dict, where: str | Path) -> None:
+    """Raise unless every value of ``data`` (nested keys flattened) is a number or None: `dvc exp show` makes a
+    column of each key, and a string where another experiment has a number breaks the column."""
+    bad = {k: v for k, v in flatten(data).items() if not is_metric_value(v)}
+    if bad:
+        raise ValueError(
+            f"{where}: metrics must be numbers or null, got {bad}; descriptive values (names, sources, why a "
+            "figure is missing) go to a non-metric file beside the metrics"
+        )
+
+
+def write_metrics(path: str | Path, data: dict) -> None:
+    """Write a DVC metrics file atomically, after ``check_metrics``."""
+    check_metrics(data, path)
+    write_json(path, data)
+
+
 def save_image(path: str | Path, image) -> None:
     """Save a PIL image atomically (temporary file in the same folder, then rename); the format follows
     ``path``'s suffix."""

@@ -365,6 +365,19 @@ def _controlnet_aux_drawing():
     return draw_bodypose, Keypoint
 
 
+def render_pose_size(pose: Pose, width: int, height: int, render_size: int = 512) -> Image.Image:
+    """``render_pose`` on a ``width`` x ``height`` canvas: the pose letterboxed into it (scaled to fit and
+    centred), drawn on the enclosing square and cropped, so the sticks keep the square drawing's width."""
+    if width == height:
+        return render_pose(pose, width, render_size)
+    side = max(width, height)
+    scale = min(width / pose.width, height / pose.height)
+    offset = [(side - pose.width * scale) / 2, (side - pose.height * scale) / 2]
+    square = map_pose(pose, lambda xy: xy * scale + offset, side, side)
+    left, top = (side - width) // 2, (side - height) // 2
+    return render_pose(square, side, render_size).crop((left, top, left + width, top + height))
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 

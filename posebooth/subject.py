@@ -85,18 +85,22 @@ def trained_pipelines(
     cpu_offload: bool,
     subject_scale: float = 1.0,
     extra_loras: list[tuple[str, float]] = (),
+    with_controlnet: bool = True,
 ):
     """``(posed, free)``: a ControlNet pipeline with the stage-2 ControlNet and a plain one, sharing the
     modules that carry the stage-1 subject (loaded the stock diffusers way, see ``subject.load_into``).
+    With ``with_controlnet=False`` the stage-2 ControlNet is not loaded (``stage2`` need not exist) and
+    ``posed`` is None; the plain pipeline is the same (stage 2's continued UNet LoRA included, if any).
 
     ``extra_loras`` are further LoRAs (a folder or a ``.safetensors`` file, for example a style) with their
     weights, active next to the subject's LoRA, which is scaled by ``subject_scale``.
     """
     from posebooth.models import check_controlnet_fits, sd_pipeline
 
-    controlnet = load_stage2_controlnet(stage2, device, precision)
-    check_controlnet_fits(controlnet, comp.unet, f"{stage2}")
-    posed = sd_pipeline(comp, scheduler, controlnet)
+    controlnet = load_stage2_controlnet(stage2, device, precision) if with_controlnet else None
+    if controlnet is not None:
+        check_controlnet_fits(controlnet, comp.unet, f"{stage2}")
+    posed = sd_pipeline(comp, scheduler, controlnet)  # without the ControlNet: the plain pipeline itself
     has_lora = load_into(posed, stage1)  # into the modules both pipelines share
     if (Path(stage2) / "unet_lora" / LORA_FILE).exists():  # stage 2 went on training the UNet LoRA
         posed.unet.delete_adapters("subject")
@@ -117,12 +121,12 @@ def trained_pipelines(
         weights.append(weight)
     if names:
         posed.set_adapters(names, weights)
-    free = sd_pipeline(comp, scheduler)
+    free = sd_pipeline(comp, scheduler) if controlnet is not None else posed
     if cpu_offload:  # small GPUs: each model visits the GPU only while it runs
         # Once, on the pipeline that holds every module: the hooks it puts on the shared text encoder,
         # UNet and VAE serve the pose-free pipeline too (a second call would re-chain them).
         posed.enable_model_cpu_offload()
-    return posed, free
+    return (posed if controlnet is not None else None), free
 
 
 def load_stage2_controlnet(stage2: str | Path, device: str, precision: str):

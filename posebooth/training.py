@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -114,12 +114,32 @@ def make_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int)
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-class StepLog:
-    """dvclive logging inside a DVC stage, written atomically when training ends.
+def _without_gpu_figures_unless_nvml_loads() -> None:
+    """dvclive (3.49) reads GPU figures whenever ``pynvml`` imports (it does wherever torch's CUDA wheels are
+    installed), and one failing NVML call drops every figure of that sample, CPU and memory too: on a machine
+    without an NVIDIA driver ``monitor_system`` logs nothing. Tell it there is no GPU when NVML cannot start."""
+    from dvclive import monitor_system
 
-    dvclive writes into a temporary folder (``save_dvc_exp=False``, no dvc.yaml of its own: the plots
-    are declared in the project's dvc.yaml); on ``close`` its ``metrics.json`` becomes ``metrics_path``
-    and its ``plots/metrics/*.tsv`` become ``plots_dir``.
+    if not monitor_system.GPU_AVAILABLE:
+        return
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        monitor_system.GPU_AVAILABLE = False
+
+
+class StepLog:
+    """dvclive logging inside a DVC stage, written live into the stage's plots folder.
+
+    ``plots_dir`` is dvclive's own folder (``save_dvc_exp=False``, no dvc.yaml of its own: the plots are declared
+    in the project's dvc.yaml), so curves and images can be read, and watched in VS Code or DVC Studio, while the
+    stage trains: ``plots/metrics/<name>.tsv`` gains a row per step, ``plots/images/<name>/<step>.png`` an image
+    per validation. A crash leaves a partial curve (DVC deletes the folder before the stage runs again); the
+    models stay atomic. On ``close`` the summary, without the ``system/`` figures of ``monitor_system`` (they
+    change from run to run), becomes ``metrics_path``.
     """
 
     def __init__(
@@ -128,27 +148,33 @@ class StepLog:
         plots_dir: str | Path,
         history: list[dict] | None = None,
         images: Path | None = None,
+        monitor_system: bool = False,
     ):
         """``history``: the values of steps already trained (from a checkpoint), logged again first;
-        ``images``: a folder of images logged before (from a checkpoint), kept."""
+        ``images``: a folder of images logged before (from a checkpoint), kept; ``monitor_system``: dvclive's
+        CPU, memory, disk and GPU figures (``plots/metrics/system/``), plotted against time."""
         from dvclive import Live
 
         self.metrics_path, self.plots_dir = Path(metrics_path), Path(plots_dir)
-        self.plots_dir.parent.mkdir(parents=True, exist_ok=True)
-        outputs.remove_stale(self.plots_dir, "live")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.plots_dir.name}.live-", dir=self.plots_dir.parent))
-        self.live = Live(str(self.tmp), dvcyaml=False, save_dvc_exp=False, report=None)
+        outputs.remove_stale(self.plots_dir, "live")  # the temporary folders of earlier versions
+        if self.plots_dir.exists():  # this run rewrites it completely
+            shutil.rmtree(self.plots_dir)
+        self.live = Live(str(self.plots_dir), dvcyaml=False, save_dvc_exp=False, report=None)
         self.history: list[dict] = []
-        for values in history or []:
-            self.log(**values)
-        self.images_dir = self.tmp / "plots" / "images"
+        self.images_dir = self.plots_dir / "plots" / "images"
         if images is not None and images.is_dir():
             shutil.copytree(images, self.images_dir, dirs_exist_ok=True)
+        for values in history or []:
+            self.log(**values)
+        if monitor_system:  # after the history: its rows carry timestamps, not steps
+            _without_gpu_figures_unless_nvml_loads()
+            self.live.monitor_system()
 
-    def image(self, name: str, image) -> None:
-        """Log an image under ``name`` (a per-step name, e.g. ``validation/step_00040.png``, so that
-        ``dvc plots`` shows the steps side by side and VS Code / DVC Studio as a step slider)."""
-        self.live.log_image(name, image)
+    def image(self, name: str, step: int, image) -> None:
+        """Log an image as ``<name>/<step>.png``: the layout that ``dvc plots`` and the VS Code extension show
+        as one image per ``name`` with a step slider (the extension's ``MULTI_IMAGE_PATH_REG`` matches
+        ``<folder>/<digits>.<ext>`` only)."""
+        self.live.log_image(f"{name}/{step}.png", image)
 
     def log(self, **values: float) -> None:
         """Log one step's values (plotted) and advance the step."""
@@ -159,21 +185,22 @@ class StepLog:
         self.history.append(values)
 
     def summary(self, **values) -> None:
-        """Values for the metrics file only (not plotted)."""
+        """Values for the metrics file only (not plotted): numbers or None, like every metric."""
+        outputs.check_metrics(values, self.metrics_path)
         for k, v in values.items():
             self.live.summary[k] = v
 
     def close(self) -> None:
         self.live.end()
-        with outputs.atomic_dir(self.plots_dir) as tmp:
-            shutil.copytree(self.tmp / "plots" / "metrics", tmp, dirs_exist_ok=True)
-            if self.images_dir.is_dir():
-                shutil.copytree(self.images_dir, tmp / "images")
-        os.replace(self.tmp / "metrics.json", self.metrics_path)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        live_summary = self.plots_dir / "metrics.json"
+        summary = json.loads(live_summary.read_text())
+        summary.pop("system", None)
+        outputs.write_metrics(self.metrics_path, summary)
+        live_summary.unlink()
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Stop logging after an error; what was logged stays (a partial curve)."""
+        self.live.end()
 
 
 def prepare(models: list, params: list, t, device: str, precision: str, steps: int | None = None):

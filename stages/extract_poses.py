@@ -90,7 +90,7 @@ def main() -> None:
             log.info("class images have no poses (detector %s): stage 2 will train on instance pairs only", e.detector)
         outputs.write_json(tmp / "report.json", {"detector": e.detector, "images": report})
     n_inst = len(report) - n_class
-    outputs.write_json(args.metrics, {
+    outputs.write_metrics(args.metrics, {
         "images": n_inst, "with_pose": counts["instance"], "left_out": n_inst - counts["instance"],
         "class_images": n_class, "class_with_pose": counts["class"],
     })  # fmt: skip

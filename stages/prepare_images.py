@@ -38,7 +38,7 @@ def main() -> None:
     outputs.require_free_space({args.out: len(kept) * res * res * 3 * 2}, "prepare_images")  # PNGs, keypoints
     with outputs.atomic_dir(args.out) as tmp:
         write_prepared(tmp, kept, skipped)
-    outputs.write_json(
+    outputs.write_metrics(
         args.metrics,
         {
             "images": len(kept),

@@ -101,7 +101,9 @@ def main() -> None:
     inputs = [args.stage1, args.stage2, args.target_poses] + ([args.loras] if extras else [])
     weights = {"model": weights_fingerprint(c.model), "vae": weights_fingerprint(c.vae) if c.vae else ""}
     key = checkpoints.fingerprint(cfg.as_dict() | weights, inputs)
-    cache = image_cache.cache_dir(key, "samples")
+    # Per workspace, like checkpoints (unlike class priors): the stage deletes this cache when it finishes, so an
+    # equal experiment running in another workspace (`dvc queue start -j 2`) must not share it.
+    cache = image_cache.cache_dir(checkpoints.per_workspace(key), "samples")
     image_bytes = len(jobs) * len(s.seeds) * 3 * c.resolution**2
     outputs.require_free_space({cache: image_bytes, args.out: image_bytes}, "sample")
     index, rows = [], []

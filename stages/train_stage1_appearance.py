@@ -5,7 +5,7 @@ the full UNet (optionally the text encoder), Custom Diffusion's cross-attention 
 or momentum textual inversion on top of a DreamBooth LoRA (two phases).
 Reads:  params common.*, train.*; data/prepared (instance images), data/class_priors (class images).
 Writes: models/stage1/ (what the method learned, in the formats stock diffusers loads; optionally the
-        kohya-format LoRA; provenance.json; README.md model card),
+        exports/ for AUTOMATIC1111/Forge and ComfyUI; provenance.json; README.md model card),
         metrics/train_stage1_appearance.json, plots/train_stage1_appearance/ (loss per step, and
         validation images every train.validation_every steps under per-step names).
 Loss (Ruiz et al. 2022): mse(ε̂(x_t, c_inst), ε) + λ · mse(ε̂(x'_t, c_class), ε'), one batch of 2B; the
@@ -21,11 +21,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import augment, checkpoints, config, data, methods, outputs, provenance, training
+from posebooth import augment, checkpoints, config, data, exports, methods, outputs, provenance, training
 from posebooth.diffusion import add_noise
 from posebooth.generation import generate
 from posebooth.identifier import check_identifier
-from posebooth.lora import KOHYA_FILE, LORA_FILE, export_kohya
 from posebooth.models import (
     added_conditions,
     drop_local_paths,
@@ -122,7 +121,7 @@ def main() -> None:
     latest = next((ckpts[p] for p in reversed(phases) if (ckpts[p] / "state.json").exists()), None)
     steplog = (  # under `accelerate launch` only the main process logs and writes
         StepLog(args.metrics, args.plots, checkpoints.history(latest) if latest else [],
-                images=latest / "images" if latest else None)
+                images=latest / "images" if latest else None, monitor_system=c.monitor_system)
         if training.is_main_process() else training.NullLog()
     )  # fmt: skip
     validation_prompts = [config.fill(p, c) for p in t.validation_prompts]
@@ -225,7 +224,7 @@ def main() -> None:
                         with accelerator.autocast():
                             (image,) = generate(validation, prompt, [c.seed], steps=t.validation_steps,
                                                 guidance_scale=5.0, resolution=c.resolution)  # fmt: skip
-                        steplog.image(f"validation/{i}_step_{done + step + 1:05d}.png", image)
+                        steplog.image(f"validation_{i}", done + step + 1, image)
                     for model in models:
                         model.train()
                 training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, save_checkpoint, steps)
@@ -234,15 +233,16 @@ def main() -> None:
             if phase != phases[-1]:  # a re-run after a stop in a later phase skips this one
                 save_checkpoint(steps)
             done += steps
-        steplog.summary(steps=done, method=t.method, trainable_params=trainable_count,
-                        identifier_tokens=len(identifier["tokens"]),
+        # (the method is the param train.method, a `dvc exp show` column already: metrics hold numbers only)
+        steplog.summary(steps=done, trainable_params=trainable_count, identifier_tokens=len(identifier["tokens"]),
                         face_boxes=sum(b is not None for b in faces) if t.face_loss_weight > 0 else 0)  # fmt: skip
 
         def write_outputs() -> None:
             with outputs.atomic_dir(args.out) as tmp:
                 files = methods.save(t.method, comp, tmp, t, c.identifier)
-                if t.export_kohya and (tmp / LORA_FILE).exists():
-                    export_kohya(tmp / LORA_FILE, tmp / KOHYA_FILE, t.alpha)
+                if t.export_kohya:  # exports/: what AUTOMATIC1111/Forge and ComfyUI load (posebooth/exports.py)
+                    subject = exports.Subject.from_params(cfg.as_dict(), xl)
+                    exports.write_stage1(tmp, tmp / "exports", subject, dict(comp.unet.config))
                 outputs.write_json(tmp / "provenance.json", provenance.provenance(
                     cfg.as_dict(), base_model=c.model, method=t.method, trigger=templates[0], identifier_check=identifier,
                     files=[f.name for f in files],

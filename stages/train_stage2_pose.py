@@ -8,7 +8,7 @@ poses too, (class image, its pose, class prompt) pairs add a prior-preservation 
 Reads:  params common.*, train_pose.*; data/prepared, data/class_priors, data/poses, models/stage1.
 Writes: models/stage2/ (controlnet/ via save_pretrained, or controlnet_lora/ with the base ControlNet
         named in controlnet_base.json or saved in controlnet_base/; unet_lora/ with train_unet_lora;
-        provenance.json, README.md model card),
+        exports/ for AUTOMATIC1111/Forge and ComfyUI; provenance.json, README.md model card),
         metrics/train_stage2_pose.json, plots/train_stage2_pose/ (loss per step).
 """
 
@@ -22,7 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import checkpoints, config, data, outputs, provenance, subject, training
+from posebooth import checkpoints, config, data, exports, outputs, provenance, subject, training
 from posebooth.diffusion import add_noise
 from posebooth.lora import add_controlnet_lora, save_controlnet_lora, save_unet_lora
 from posebooth.models import (
@@ -150,7 +150,11 @@ def main() -> None:
     if (ckpt / "state.json").exists():
         first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator, accelerator.scaler)
         log.info("resuming from the checkpoint after step %d in %s", first, ckpt)
-    steplog = StepLog(args.metrics, args.plots, history) if accelerator.is_main_process else training.NullLog()
+    steplog = (
+        StepLog(args.metrics, args.plots, history, monitor_system=c.monitor_system)
+        if accelerator.is_main_process
+        else training.NullLog()
+    )
     shard = training.Shard(accelerator)  # this process's slice of each global batch
     if shard.world > 1:
         log.info("%d processes (accelerate launch): %d pair(s) per process and micro-step", shard.world, b)
@@ -225,6 +229,9 @@ def main() -> None:
                         outputs.write_json(tmp / "controlnet_base.json", {"controlnet": t.controlnet})
                 if t.train_unet_lora:
                     save_unet_lora(comp.unet, tmp / "unet_lora", adapter="subject")
+                if t.export:  # exports/: what AUTOMATIC1111/Forge and ComfyUI load (posebooth/exports.py)
+                    exports.write_stage2(tmp, args.stage1, tmp / "exports", exports.subject_of(args.stage1),
+                                         dict(comp.unet.config), controlnet=trained)  # fmt: skip
                 outputs.write_json(tmp / "provenance.json", provenance.provenance(
                     cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
                     stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],

@@ -16,8 +16,9 @@ import torch
 import yaml
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 from PIL import Image
+from tqdm import tqdm
 
-from posebooth import outputs, subject
+from posebooth import cli, outputs, subject
 from posebooth.generation import generate
 from posebooth.models import load_components, load_controlnet
 from posebooth.poses import load_pose, render_pose
@@ -162,3 +163,69 @@ def test_posebooth_generate_with_a_pose_samples_like_sample(trained, pipelines, 
     expected = generate(pipelines[0], PROMPTS[0], SEEDS, control_image=pose_maps["standing"], conditioning_scale=0.5,
                         control_guidance=window, **COMMON)  # fmt: skip
     assert made.shape[0] == 2 and diff(made, pixels(expected)) == 0
+
+
+def _generate_cli(trained, tmp_path, monkeypatch, out: str, *args: str, detector: str = "sidecar") -> list[Image.Image]:
+    """``posebooth generate PROMPTS[0] ARGS`` with the test profile and sample's settings of ``COMMON``; the images
+    it wrote to ``out``, in seed order."""
+    params = apply_profile(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params["sample"].update(negative_prompt="blurry", guidance_scale=6.0, scheduler="ddim")
+    params["extract_poses"]["detector"] = detector
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(outputs, "run_stage", lambda main, name=None: main())  # no process-wide settings
+    cli.main(["--params", str(tmp_path / "params.yaml"), "generate", PROMPTS[0], "--stage1", str(trained / "stage1"),
+              "--stage2", str(trained / "stage2"), "--out", str(tmp_path / out), *args])  # fmt: skip
+    files = sorted((tmp_path / out).glob("*.png"), key=lambda p: int(p.stem.rsplit("_s", 1)[1]))
+    return [Image.open(p).convert("RGB") for p in files]
+
+
+def test_posebooth_generate_without_a_pose_loads_no_controlnet_and_batches_by_seed(trained, pipelines, tmp_path,
+                                                                                  monkeypatch, capsys):  # fmt: skip
+    """Without ``--pose`` the stage-2 ControlNet is never loaded (nor need stage 2 exist); ``--num-images 3`` gives
+    seeds 0, 1, 2 as sample's pose-free pipeline makes them, whatever ``--batch-size``; a bar counts the images."""
+
+    def no_controlnet(*args, **kwargs):
+        raise AssertionError("the stage-2 ControlNet was loaded without --pose")
+
+    class Bar(tqdm):  # the tests' TQDM_DISABLE=1 turned off
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs | {"disable": False})
+
+    monkeypatch.setattr(subject, "load_stage2_controlnet", no_controlnet)
+    monkeypatch.setattr(cli, "tqdm", Bar)
+    one = _generate_cli(trained, tmp_path, monkeypatch, "one", "--num-images", "3", "--batch-size", "1",
+                        "--stage2", str(tmp_path / "no_stage2"))  # fmt: skip
+    assert "generate: 100%|██████████| 3/3" in capsys.readouterr().err
+    three = _generate_cli(trained, tmp_path, monkeypatch, "three", "--num-images", "3", "--batch-size", "3")
+    expected = generate(pipelines[1], PROMPTS[0], [0, 1, 2], **COMMON)
+    assert len(one) == len(three) == 3
+    assert diff(pixels(one), pixels(expected)) <= 1 and diff(pixels(three), pixels(expected)) <= 1  # batched: rounding
+    assert diff(pixels(one[:1]), pixels(one[1:2])) > 10  # the seeds differ
+
+
+def test_posebooth_generate_at_a_width_and_height_from_keypoints_a_pose_map_or_a_photo(trained, tmp_path, monkeypatch):
+    """``--width 48 --height 32``: the image has that size; ``--pose-map`` (the map ``--pose`` draws, saved) and
+    ``--pose`` on a photo (read by the detector) give the image ``--pose`` on the keypoints gives."""
+    from posebooth import detectors
+    from posebooth.poses import render_pose_size
+
+    standing = ROOT / "data" / "target_poses" / "standing.json"
+    size = ("--width", "48", "--height", "32")
+    keypoints = _generate_cli(trained, tmp_path, monkeypatch, "keypoints", "--pose", str(standing), *size)
+    assert [im.size for im in keypoints] == [(48, 32)]
+    render_pose_size(load_pose(standing), 48, 32, RENDER_SIZE).save(tmp_path / "map.png")
+    pose_map = _generate_cli(trained, tmp_path, monkeypatch, "map", "--pose-map", str(tmp_path / "map.png"), *size)
+    assert diff(pixels(pose_map), pixels(keypoints)) == 0
+
+    Image.new("RGB", (40, 40), "grey").save(tmp_path / "photo.png")
+    with pytest.raises(ValueError, match=r"photo.png: reading a pose .* or extract_poses.detector"):
+        _generate_cli(trained, tmp_path, monkeypatch, "photo", "--pose", str(tmp_path / "photo.png"))  # sidecar
+
+    class Detector:
+        def detect(self, image):
+            return load_pose(standing)
+
+    monkeypatch.setattr(detectors, "make_detector", lambda name, cfg, device: Detector())
+    photo = _generate_cli(trained, tmp_path, monkeypatch, "photo", "--pose", str(tmp_path / "photo.png"), *size,
+                          detector="world")  # fmt: skip
+    assert diff(pixels(photo), pixels(keypoints)) == 0

@@ -171,6 +171,60 @@ def test_use_profile_rejects_unknown_keys(tmp_path):
     assert target.read_text() == (ROOT / "params.yaml").read_text()  # untouched
 
 
+# Keys a profile may set that are the user's own choices, not a model's or a GPU's: use-profile applies them
+# but a later use-profile keeps them (profiles/defaults.yaml does not list them).
+USER_KEYS = {("sample", "prompts"), ("sample", "pose_prompts"), ("sample", "poses"), ("sample", "seeds")}
+
+
+def _use(target, *profiles: str) -> str:
+    from posebooth.cli import main
+
+    main(["--params", str(target), "use-profile", *profiles])
+    return target.read_text()
+
+
+def test_use_profile_sdxl_then_sd15_is_a_fresh_sd15_and_keeps_the_users_choices(tmp_path):
+    """Profiles apply to the defaults, not to each other: sdxl then sd15 writes the file a fresh sd15 writes, so
+    no SDXL-only knob (8-bit Adam, accumulation 2, the ControlNet LoRA of rank 32, xinsir's ControlNet) is
+    left; the user's subject and a content profile applied before (live_subject's prompts) stay."""
+    committed = (ROOT / "params.yaml").read_text()
+    mine = committed.replace("identifier: sks ", "identifier: ohwx").replace("class_noun: robot", "class_noun: dog  ")
+    assert mine != committed
+    for name in ("switched", "fresh"):
+        (tmp_path / f"{name}.yaml").write_text(mine)
+        _use(tmp_path / f"{name}.yaml", "live_subject")
+    _use(tmp_path / "switched.yaml", "sdxl")
+    assert config.load(["train"], tmp_path / "switched.yaml").train.optimizer == "adamw_8bit"
+    assert _use(tmp_path / "switched.yaml", "sd15") == _use(tmp_path / "fresh.yaml", "sd15")
+    cfg = config.load(config.SECTIONS, tmp_path / "switched.yaml")
+    assert (cfg.train.optimizer, cfg.train.gradient_accumulation_steps, cfg.train.snr_gamma) == ("adamw", 1, 0.0)
+    assert (cfg.train_pose.mode, cfg.train_pose.rank, cfg.train_pose.optimizer) == ("full", 8, "adamw")
+    assert cfg.common.vae == "" and not cfg.train.gradient_checkpointing
+    assert cfg.train_pose.controlnet == cfg.generate_class_priors.controlnet == "lllyasviel/control_v11p_sd15_openpose"
+    live = yaml.safe_load((ROOT / "profiles" / "live_subject.yaml").read_text())["sample"]["prompts"]
+    assert (cfg.common.identifier, cfg.common.class_noun, cfg.sample.prompts) == ("ohwx", "dog", live)
+    assert _use(tmp_path / "switched.yaml", "defaults") == _use(tmp_path / "fresh.yaml", "live_subject")
+    assert _use(tmp_path / "switched.yaml", "sd15", "sdxl") == _use(tmp_path / "fresh.yaml", "sdxl")
+
+
+def test_the_defaults_are_the_committed_params_and_cover_every_profile(tmp_path):
+    """profiles/defaults.yaml holds params.yaml's committed value of every key a profile sets (but the user's),
+    so use-profile can undo any profile; on the committed params.yaml, `use-profile defaults` changes no byte."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    defaults = yaml.safe_load((ROOT / "profiles" / "defaults.yaml").read_text())
+    for section, values in defaults.items():
+        for key, value in values.items():
+            assert params[section][key] == value, f"profiles/defaults.yaml: {section}.{key}"
+    for path in sorted((ROOT / "profiles").glob("*.yaml")):
+        for section, values in yaml.safe_load(path.read_text()).items():
+            for key in values:
+                assert key in defaults.get(section, {}) or (section, key) in USER_KEYS, (
+                    f"{path.name} sets {section}.{key}: add its default to profiles/defaults.yaml"
+                )
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    assert _use(tmp_path / "params.yaml", "defaults") == (ROOT / "params.yaml").read_text()
+
+
 def test_default_evaluation_prompts_are_the_papers():
     """params.yaml carries DreamBench's 25 object prompts; profiles/live_subject.yaml its 25 live-subject ones."""
     import re

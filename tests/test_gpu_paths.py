@@ -321,7 +321,7 @@ def test_the_whole_pipeline_runs_in_bf16_with_validation_images(tmp_path, tiny_s
     params = yaml.safe_load((ws / "params.yaml").read_text())
     assert params["common"]["precision"] == "bf16" and params["train"]["flip_prob"] > 0
     assert params["train"]["validation_every"] == 3
-    validation = sorted((ws / "plots/train_stage1_appearance/images/validation").glob("*.png"))
+    validation = sorted((ws / "plots/train_stage1_appearance/plots/images").glob("validation_*/*.png"))
     assert len(validation) == 2 * (params["train"]["steps"] // 3)  # two prompts at steps 3 and 6
     assert any(np.asarray(Image.open(f)).std() > 0 for f in validation)  # images, not blank frames
     for stage in ("train_stage1_appearance", "train_stage2_pose"):

@@ -94,3 +94,26 @@ def test_metrics_are_uncached_and_committable():
             ((path, opts),) = entry.items()
             assert opts == {"cache": False}, stage
             assert path == f"metrics/{stage}.json"
+
+
+def _cached_outs(spec: dict) -> set[str]:
+    """A stage's outs that go to the DVC cache (and so to a remote): all but the `cache: false` ones."""
+    found = set()
+    for out in spec.get("outs", []):
+        path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+        if (opts or {}).get("cache", True):
+            found.add(path)
+    return found
+
+
+def test_artifacts_name_the_cached_model_outputs():
+    """`dvc artifacts get` downloads an artifact's path from the remote: it must be a stage's cached output (a
+    `cache: false` one is in git, never pushed), under a name that DVC and the model registry accept."""
+    from dvc.repo.artifacts import check_name_format
+
+    made_by = {"subject-adapter": "train_stage1_appearance", "pose-controlnet": "train_stage2_pose"}
+    assert set(DVC["artifacts"]) == set(made_by)
+    for name, artifact in DVC["artifacts"].items():
+        check_name_format(name)
+        assert artifact["type"] == "model" and artifact["desc"] and artifact["labels"], name
+        assert artifact["path"] in _cached_outs(STAGES[made_by[name]]), f"{name}: {artifact['path']}"

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.workspace import STAGES, Reference, clone
+from tests.workspace import OUTPUTS, STAGES, Reference, clone, digests, under
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("reference")]
 
@@ -40,16 +40,22 @@ def ran_stages(output: str) -> list[str]:
 
 
 def exp_rows(root: Path, env: dict) -> dict[str, dict]:
-    """`dvc exp show --json` in ``root``: each experiment's name with its params and metrics files' data."""
+    """`dvc exp show --json` in ``root``: each row's name (the workspace, the baseline commit's name or revision,
+    each experiment's name) with its params and metrics files' data."""
     table = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
     rows = {}
+
+    def add(name: str, state: dict) -> None:
+        data = state.get("data") or {}
+        metrics = {path: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()}
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+        rows[name] = {"params": params, "metrics": metrics}
+
     for commit in table:
+        add(commit.get("name") or commit["rev"], commit)
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs", []):
-                data = rev.get("data") or {}
-                metrics = {path: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()}
-                params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-                rows[rev.get("name") or exp.get("name")] = {"params": params, "metrics": metrics}
+                add(rev.get("name") or exp.get("name"), rev)
     return rows
 
 
@@ -93,12 +99,36 @@ def test_every_output(repo):
     assert len(index["images"]) == 2 * (2 + 1) * 2 + 2  # prompts x (poses + pose-free) x seeds, + class prompt
     assert all((root / "samples" / r["file"]).exists() for r in index["images"])
     assert (root / "plots/sample_grid.png").stat().st_size > 0
-    loss = (root / "plots/train_stage1_appearance/loss.tsv").read_text().splitlines()
+    curves = root / "plots/train_stage1_appearance/plots/metrics"
+    loss = (curves / "loss.tsv").read_text().splitlines()
     assert loss[0] == "step\tloss" and len(loss) == 1 + 6
-    validation = sorted(p.name for p in (root / "plots/train_stage1_appearance/images/validation").glob("*.png"))
-    assert validation == ["0_step_00003.png", "0_step_00006.png", "1_step_00003.png", "1_step_00006.png"]
-    assert (root / "models/stage1/subject_lora_kohya.safetensors").exists()
+    for name in ("instance_loss", "prior_loss", "lr", "grad_norm"):  # each declared as a plot in dvc.yaml
+        assert len((curves / f"{name}.tsv").read_text().splitlines()) == 1 + 6, name
+    assert not (root / "plots/train_stage1_appearance/metrics.json").exists()  # the summary is metrics/<stage>.json
+    assert (root / "models/stage1/exports/sks_robot_lora.safetensors").exists()  # posebooth/exports.py
+    assert len(list((root / "models/stage2/exports").glob("*_openpose_controlnet.safetensors"))) == 1
     assert not list(root.rglob(".*.tmp-*")), "temporary outputs left behind"
+
+
+# The VS Code DVC extension's MULTI_IMAGE_PATH_REG (extension/src/plots/model/collect.ts): only images named
+# <folder>/<digits>.<ext> are shown as one plot per folder with a step slider.
+MULTI_IMAGE_PATH_REG = re.compile(r"[^/]+[/\\]\d+\.[a-z]+$", re.IGNORECASE)
+
+
+def test_validation_images_get_a_step_slider(repo):
+    """Stage 1's validation images, as `dvc plots show` lists them (the plots declared in dvc.yaml), are one
+    series per validation prompt with one image per validation step: what the extension shows with a slider."""
+    proc = run(["dvc", "plots", "show", "--json", "--split"], repo.ws, repo.env)
+    data = json.loads(proc.stdout)["data"]
+    images = sorted(k for k in data if k.endswith(".png") and "/plots/images/" in k)
+    assert images and all(MULTI_IMAGE_PATH_REG.search(k) for k in images), images
+    series: dict[str, list[int]] = {}
+    for k in images:
+        folder, step = k.rsplit("/", 2)[-2:]
+        series.setdefault(folder, []).append(int(step.removesuffix(".png")))
+    assert {k: sorted(v) for k, v in series.items()} == {"validation_0": [3, 6], "validation_1": [3, 6]}
+    curves = [f"Stage {n} {what}" for n in (1, 2) for what in ("loss", "learning rate", "gradient norm")]
+    assert all(data.get(name) for name in curves), sorted(data)  # declared in dvc.yaml, each with data
 
 
 def test_every_metric_key(repo):
@@ -120,13 +150,16 @@ def test_every_metric_key(repo):
             assert metric["n"] == (part["n_images"] if key != "lpips_diversity" else part["n_images"] // 2), key
     assert ev["n_images"] == 12 and ev["n_references"] == 6 and ev["lpips_diversity"]["n"] == 6
     assert ev["pres"]["n"] == 2  # the class prompt, one image per seed
-    assert ev["face_identity"].startswith("not measured: evaluate.face_identity is auto (class 'robot')")
+    info = json.loads((root / "metrics/evaluate.info.json").read_text())  # what measured, and why not
+    assert info["not_measured"]["face_identity"] == "evaluate.face_identity is auto (class 'robot')"
+    assert set(ev["face_identity"].values()) == {None}
     assert ev["fid_kid"]["n_generated"] == 12 and ev["fid_kid"]["kid_subset_size"] == 6  # 6 reference photos
-    assert ev["stand_in"] is True and all(b["stand_in"] for b in ev["backbones"].values())
+    assert ev["stand_in"] == 1 and all(b["stand_in"] for b in info["backbones"].values())
     breakdown = json.loads((root / "metrics/evaluate_breakdown.json").read_text())
     assert set(breakdown["per_pose"]) == {"None", "standing", "arms_up"} and len(breakdown["per_prompt"]) == 2
     assert sum(p["n_images"] for p in breakdown["per_prompt"].values()) == 12
-    assert ev["pose_adherence"].startswith("not measured: the sidecar detector")
+    assert info["not_measured"]["pose_adherence"].startswith("the sidecar detector")
+    assert set(ev["pose_adherence"].values()) == {None} and info["pose_adherence"]["detector"] == "sidecar"
 
 
 def test_plots_include_the_metric_chart(repo):
@@ -180,6 +213,18 @@ EXPERIMENTS = {
 }  # fmt: skip
 
 
+def run_queue(root: Path, env: dict, timeout: float = 1800) -> str:
+    """`dvc queue start -j 2` in ``root``, then `dvc queue status` until no task is queued or running: its output."""
+    run(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(["dvc", "queue", "status"], root, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(5)  # each poll is a `dvc` start-up: leave the CPU to the workers
+
+
 @pytest.fixture(scope="module")
 def experiments(repo, tmp_path_factory) -> tuple[Path, dict, dict[str, dict], dict[str, str]]:
     """Every experiment of ``EXPERIMENTS`` and the README's sweep (a grid on train.lr with 4 steps), queued in a
@@ -189,14 +234,7 @@ def experiments(repo, tmp_path_factory) -> tuple[Path, dict, dict[str, dict], di
     for name, (sets, _) in EXPERIMENTS.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, *[a for kv in sets for a in ("-S", kv)]], root, env)
     run(["dvc", "exp", "run", "--queue", "-S", "train.lr=1e-4,5e-4", "-S", "train.steps=4"], root, env)
-    run(["dvc", "queue", "start", "-j", "2"], root, env)
-    deadline = time.monotonic() + 1800
-    while True:  # until no task is queued or running
-        status = run(["dvc", "queue", "status"], root, env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(5)  # each poll is a `dvc` start-up: leave the CPU to the workers
+    status = run_queue(root, env)
     assert status.count("Success") == len(EXPERIMENTS) + 2 and "Failed" not in status, status
     logs = {name: run(["dvc", "queue", "logs", name], root, env).stdout for name in EXPERIMENTS}
     return root, env, exp_rows(root, env), logs
@@ -212,13 +250,36 @@ def test_every_method_and_stage2_choice_runs_as_an_experiment(experiments, repo,
     row = rows[name]
     stage1 = row["metrics"]["metrics/train_stage1_appearance.json"]
     method = next((kv.split("=")[1] for kv in sets if kv.startswith("train.method=")), "lora")
-    assert row["params"]["train"]["method"] == stage1["method"] == method
+    assert row["params"]["train"]["method"] == method and stage1["trainable_params"] > 0
     ev = row["metrics"]["metrics/evaluate.json"]
     assert ev["n_images"] == 12  # 2 prompts x (2 poses + pose-free) x 2 seeds
     if name != "cn-lora-from-unet-unet-lora":  # (a from_unet ControlNet starts at zero: 4 steps leave it near)
         assert ev["clip_t"]["mean"] != repo_metric(repo, "clip_t")  # other weights or poses: other images, scores
     stage2 = row["metrics"]["metrics/train_stage2_pose.json"]
     assert stage2["class_pairs"] == (4 if "pose_paired" in " ".join(sets) else 0)
+
+
+# The `dvc exp show` columns the README names (file:key, nested keys joined with dots).
+README_COLUMNS = {f"metrics/evaluate.json:{k}" for k in ("dino.mean", "clip_i.mean", "clip_t.mean", "pres.mean",
+                  "lpips_diversity.mean", "fid_kid.kid", "pose_adherence.pck_0.2")} | {
+                  "metrics/train_stage1_appearance.json:loss"}  # fmt: skip
+
+
+def test_every_metrics_column_is_a_number_in_every_row(experiments):
+    """`dvc exp show` of the baseline and every experiment (other methods, stage-2 choices, poses): each metrics
+    column exists in every row and holds a number or None, so no column comes and goes between rows."""
+    from posebooth.outputs import flatten, is_metric_value
+
+    _, _, rows, _ = experiments
+    assert len(rows) >= len(EXPERIMENTS) + 3  # the workspace, the baseline commit, the experiments, the sweep
+    columns = {name: {f"{path}:{k}": v for path, data in row["metrics"].items() for k, v in flatten(data).items()}
+               for name, row in rows.items()}  # fmt: skip
+    every = set().union(*columns.values())
+    assert README_COLUMNS <= every, README_COLUMNS - every
+    for name, values in columns.items():
+        assert set(values) == every, (name, sorted(every - set(values)))
+        assert all(is_metric_value(v) for v in values.values()), (name, {k: v for k, v in values.items()
+                                                                        if not is_metric_value(v)})  # fmt: skip
 
 
 def test_readme_sweep_recipe_queues_a_grid_and_compares_it(experiments):
@@ -230,6 +291,40 @@ def test_readme_sweep_recipe_queues_a_grid_and_compares_it(experiments):
         if row["params"]["train"]["steps"] == 4
     }
     assert grid == {(1e-4, 12), (5e-4, 12)}
+
+
+def test_two_queued_experiments_with_equal_training_each_get_the_single_run_models(repo, tmp_path):
+    """Two experiments whose training params are the reference's (training forced to run again) and whose sampling
+    seeds differ, queued and run at once by two workers: each trains from scratch in checkpoint folders of its own
+    workspace (shared ones were deleted by the first to finish, under the other), both succeed with the reference's
+    models byte for byte, and each samples its own seeds (the reference's seeds: the reference's samples)."""
+    root, env = clone(repo, tmp_path, "twins")
+    seeds = {"twin-ref-seeds": [0, 1], "twin-other-seeds": [2, 3]}
+    # The train stages, sample and evaluate, forced (both targets: the queue checks out their upstream outputs).
+    forced = ["-f", "--downstream", "train_stage1_appearance", "train_stage2_pose"]
+    for name, s in seeds.items():
+        run(["dvc", "exp", "run", "--queue", *forced, "-n", name, "-S", f"sample.seeds={s}"], root, env)
+    status = run_queue(root, env)
+    logs = {name: run(["dvc", "queue", "logs", name], root, env).stdout for name in seeds}
+    assert status.count("Success") == 2 and "Failed" not in status, status + "\n".join(logs.values())
+    saved = {name: set(re.findall(r"training state of step \d+ saved in (\S+)", log)) for name, log in logs.items()}
+    assert [len(folders) for folders in saved.values()] == [2, 2], saved  # stage 1 (its LoRA phase), stage 2
+    assert not saved["twin-ref-seeds"] & saved["twin-other-seeds"], saved  # no checkpoint folder in common
+    models = OUTPUTS["train_stage1_appearance"][:1] + OUTPUTS["train_stage2_pose"][:1]
+    assert models == ["models/stage1", "models/stage2"]
+    want = {k: v for k, v in repo.digests.items() if under(k, models)}
+    samples = {}
+    for name, s in seeds.items():
+        assert ran_stages(logs[name]) == STAGES[3:], logs[name][-2000:]
+        assert "resuming" not in logs[name], logs[name][-2000:]  # nothing left by the other experiment's training
+        run(["dvc", "exp", "apply", name], root, env)
+        assert digests(root, models) == want, name
+        samples[name] = digests(root, ["samples"])
+        index = json.loads((root / "samples/index.json").read_text())["images"]
+        assert sorted({image["seed"] for image in index}) == s
+    assert samples["twin-ref-seeds"] == {k: v for k, v in repo.digests.items() if under(k, ["samples"])}
+    other = {v for k, v in samples["twin-other-seeds"].items() if k.endswith(".png") and "/images/" in k}
+    assert other and not other & set(samples["twin-ref-seeds"].values())
 
 
 def test_a_bad_param_stops_a_stage_before_heavy_work(repo, tmp_path):
@@ -307,8 +402,9 @@ def test_readme_own_photos_steps(repo, tmp_path):
 
 
 def test_the_whole_pipeline_on_the_tiny_sdxl_on_two_processes(repo, tmp_path):
-    """The README's switch to SDXL (`posebooth use-profile tiny_sdxl`, then `dvc repro`) runs every stage on
-    the SDXL-architecture model, with text-encoder LoRAs, pose-paired class priors through the SDXL ControlNet,
+    """The README's switch to SDXL (`posebooth use-profile test tiny_sdxl`: the test profile's sizes on the tiny
+    SDXL, then `dvc repro`) runs every stage on the SDXL-architecture model, with text-encoder LoRAs, pose-paired
+    class priors through the SDXL ControlNet,
     and both training stages on two processes (`common.train_launcher`: gloo on the CPU here; DDP stops on any
     trainable parameter that gets no gradient). Its outputs load in the stock SDXL pipelines and give the
     sampled images again."""
@@ -321,7 +417,7 @@ def test_the_whole_pipeline_on_the_tiny_sdxl_on_two_processes(repo, tmp_path):
     from posebooth import embedded
 
     work, env = clone(repo, tmp_path, "xl")
-    run([sys.executable, "-m", "posebooth", "use-profile", "tiny_sdxl"], work, env)
+    run([sys.executable, "-m", "posebooth", "use-profile", "test", "tiny_sdxl"], work, env)  # both on the defaults
     params = yaml.safe_load((work / "params.yaml").read_text())
     assert params["common"]["model"] == "embedded:tiny-sdxl"
     params["train"]["train_text_encoder"] = True
@@ -332,7 +428,7 @@ def test_the_whole_pipeline_on_the_tiny_sdxl_on_two_processes(repo, tmp_path):
     out = proc.stdout + proc.stderr
     assert ran_stages(out) == STAGES[1:]  # prepare_images does not depend on the model
     assert "lora on 2 processes (accelerate launch)" in out and "2 processes (accelerate launch): 1 pair(s)" in out
-    history = (work / "plots/train_stage1_appearance/loss.tsv").read_text().splitlines()
+    history = (work / "plots/train_stage1_appearance/plots/metrics/loss.tsv").read_text().splitlines()
     assert len(history) == 1 + params["train"]["steps"]  # logged once (by the main process), not twice
     stage2 = json.loads((work / "metrics/train_stage2_pose.json").read_text())
     assert stage2["class_pairs"] == 4  # the pose-paired priors became (class image, pose) pairs in stage 2

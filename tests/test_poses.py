@@ -87,6 +87,21 @@ def test_non_square_poses_are_letterboxed_not_stretched():
     assert img[:10].max() == 0 and img[-10:].max() == 0  # nothing drawn in the letterbox bands
 
 
+def test_a_pose_drawn_at_a_width_and_height_is_letterboxed_into_it():
+    """``posebooth generate --width/--height``: a square pose on a 96 x 32 canvas fills the middle 32 x 32, with
+    black bands on both sides (not stretched across); at a square size it is ``render_pose``'s map."""
+    from posebooth.poses import render_pose_size
+
+    pose = load_pose(ROOT / "data" / "target_poses" / "t_pose.json")  # arms spread to the canvas' sides
+    assert pose.width == pose.height
+    wide = np.asarray(render_pose_size(pose, 96, 32, 512))
+    assert wide.shape == (32, 96, 3)
+    assert wide[:, :32].max() == 0 and wide[:, 64:].max() == 0 and (wide[:, 32:64].sum(-1) > 0).mean() > 0.02
+    tall = np.asarray(render_pose_size(pose, 32, 96, 512))
+    assert tall.shape == (96, 32, 3) and tall[:32].max() == 0 and tall[64:].max() == 0
+    assert np.array_equal(np.asarray(render_pose_size(pose, 64, 64, 512)), np.asarray(render_pose(pose, 64, 512)))
+
+
 def test_target_poses_must_live_in_the_tracked_folder_with_distinct_names(tmp_path):
     from posebooth.poses import load_target_poses
 

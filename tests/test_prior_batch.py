@@ -242,7 +242,7 @@ def test_stage2_pairs_each_class_image_with_its_own_pose_and_the_class_prompt(ti
 
     params = workspace(tmp_path, monkeypatch, "embedded:tiny-sd15", {})
     params["train_pose"].update(steps=1, batch_size=B, prior_loss_weight=LAMBDA, empty_prompt_prob=0.0,
-                                checkpoint_every=0)  # fmt: skip
+                                checkpoint_every=0, export=False)  # fmt: skip (no stage-1 provenance to export)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     _random_lora(tmp_path / "models" / "stage1", alpha=4.0, std=0.2, seed=1)
     # data/poses by hand: every image used, pose map i a flat grey that names its image

@@ -68,16 +68,24 @@ def test_sigkilled_training_resumes_to_identical_weights(tmp_path, monkeypatch, 
     assert not (tmp_path / "models" / "b").exists() and not (tmp_path / "b.json").exists()  # nothing half-written
     (state,) = ckpt_root.glob(f"*/{last_phase}/state.json")
     assert json.loads(state.read_text())["step"] == 8
+    # The curve is written as training goes (readable, and plotted, during a run): the kill leaves its first rows.
+    partial = (tmp_path / "plots_b/plots/metrics/loss.tsv").read_text().splitlines()
+    whole = (tmp_path / "plots_a/plots/metrics/loss.tsv").read_text().splitlines()
+    assert 1 + 8 <= len(partial) < len(whole) and partial == whole[: len(partial)]
 
     resumed = _run(tmp_path, env, "b")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {last_phase} from the checkpoint after step 8" in resumed.stderr
-    files = sorted(p.name for p in (tmp_path / "models/a").glob("*.safetensors"))
-    assert files == sorted(p.name for p in (tmp_path / "models/b").glob("*.safetensors"))
-    assert len(files) == (3 if method == "momentum_ti" else 2)  # (the LoRA, its kohya export, the embedding)
+    out_a, out_b = tmp_path / "models/a", tmp_path / "models/b"
+    files = sorted(str(p.relative_to(out_a)) for p in out_a.rglob("*.safetensors"))
+    assert files == sorted(str(p.relative_to(out_b)) for p in out_b.rglob("*.safetensors"))
+    # the LoRA and its kohya export in exports/; momentum TI: the embedding and its export too
+    assert len(files) == (4 if method == "momentum_ti" else 2)
     assert all(_sha(tmp_path / "models/a" / f) == _sha(tmp_path / "models/b" / f) for f in files)
-    assert (tmp_path / "plots_a/loss.tsv").read_text() == (tmp_path / "plots_b/loss.tsv").read_text()
-    images = {p.name: _sha(p) for p in (tmp_path / "plots_a/images/validation").glob("*.png")}
+    for name in ("loss", "lr", "grad_norm"):
+        curve = f"plots/metrics/{name}.tsv"
+        assert (tmp_path / "plots_a" / curve).read_text() == (tmp_path / "plots_b" / curve).read_text(), name
+    images = {str(p.relative_to(tmp_path / "plots_a")): _sha(p) for p in (tmp_path / "plots_a").rglob("*.png")}
     assert len(images) == 2 * (4 if method == "momentum_ti" else 3)  # every one, also those logged before the kill
-    assert images == {p.name: _sha(p) for p in (tmp_path / "plots_b/images/validation").glob("*.png")}
+    assert images == {str(p.relative_to(tmp_path / "plots_b")): _sha(p) for p in (tmp_path / "plots_b").rglob("*.png")}
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())

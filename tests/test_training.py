@@ -167,3 +167,16 @@ def test_attention_is_pytorch_sdpa(tiny_sd):
     cd = copy.deepcopy(comp)
     methods.setup("custom_diffusion", cd, t, "sks", "robot")
     assert {type(p).__name__ for p in cd.unet.attn_processors.values()} == {"CustomDiffusionAttnProcessor2_0"}
+
+
+def test_the_training_summary_takes_numbers_only(tmp_path):
+    """What a stage adds to its metrics file: a name or a flag there would make `dvc exp show` columns come and go
+    between experiments, so it is refused (the method is the param train.method)."""
+    log = training.StepLog(tmp_path / "metrics.json", tmp_path / "plots")
+    try:
+        for bad in ({"method": "lora"}, {"with_prior": True}):
+            with pytest.raises(ValueError, match="metrics must be numbers or null"):
+                log.summary(steps=4, **bad)
+        log.summary(steps=4, pairs=6, class_pairs=None)
+    finally:
+        log.abort()

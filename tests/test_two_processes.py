@@ -41,8 +41,8 @@ def _stage1_workspace(folder, batch_size: int, prior_loss_weight: float, monkeyp
 
 
 def _logged(folder, name: str) -> list[float]:
-    """The values of ``name`` logged at each step (plots/train_stage1_appearance/<name>.tsv)."""
-    rows = (folder / "plots/train_stage1_appearance" / f"{name}.tsv").read_text().splitlines()
+    """The values of ``name`` logged at each step (plots/train_stage1_appearance/plots/metrics/<name>.tsv)."""
+    rows = (folder / "plots/train_stage1_appearance/plots/metrics" / f"{name}.tsv").read_text().splitlines()
     column = rows[0].split("\t").index(name)
     return [float(row.split("\t")[column]) for row in rows[1:]]
 

@@ -43,8 +43,9 @@ GUARD = {
 }
 
 
-def world_run(root: Path, overrides: dict = GUARD) -> dict:
-    """metrics/evaluate.json of one `dvc repro` of the world default with ``overrides`` in a copy under ``root``."""
+def world_run(root: Path, overrides: dict = GUARD) -> tuple[dict, dict]:
+    """metrics/evaluate.json and evaluate.info.json (what measured) of one `dvc repro` of the world default with
+    ``overrides`` in a copy under ``root``."""
     ws = root / "world"
     ws.mkdir(parents=True)
     copy_repository(ws)
@@ -57,18 +58,24 @@ def world_run(root: Path, overrides: dict = GUARD) -> dict:
     git_init(ws, env)
     proc = subprocess.run(["dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((ws / "metrics/evaluate.json").read_text())
+    return tuple(json.loads((ws / "metrics" / name).read_text()) for name in ("evaluate.json", "evaluate.info.json"))
 
 
 @pytest.fixture(scope="module")
-def metrics(tmp_path_factory) -> dict:
+def guard_run(tmp_path_factory) -> tuple[dict, dict]:
     return world_run(tmp_path_factory.mktemp("guard"))
 
 
-def test_the_numbers_come_from_the_world(metrics):
+@pytest.fixture(scope="module")
+def metrics(guard_run) -> dict:
+    return guard_run[0]
+
+
+def test_the_numbers_come_from_the_world(guard_run):
     """Every measuring model is the world's: neither a stand-in nor a real model."""
-    assert metrics["backbones"]["clip"]["source"] == metrics["backbones"]["dino"]["source"] == "world"
-    assert metrics["pose_adherence"]["source"] == "world" and metrics["pose_adherence"]["detector"] == "world"
+    metrics, info = guard_run
+    assert info["backbones"]["clip"]["source"] == info["backbones"]["dino"]["source"] == "world"
+    assert info["pose_adherence"]["source"] == "world" and info["pose_adherence"]["detector"] == "world"
     assert metrics["verification_threshold"]["eer"] < 0.15
 
 

@@ -1,0 +1,482 @@
+"""Exports every UI loads: the trained subject and ControlNet as single files for AUTOMATIC1111/Forge and ComfyUI.
+
+What the stages save is in diffusers' layouts (``pipe.load_lora_weights(folder)``, ``from_pretrained``). The
+UIs read other layouts, written here into an ``exports/`` folder (``write_stage1``, ``write_stage2``; the
+``posebooth export`` command and, by default, the end of both training stages):
+
+- LoRA → kohya's layout (``lora_unet_…``, ``lora_te_…`` / ``lora_te1_…``, ``lora_te2_…``; ``lora_down``,
+  ``lora_up`` and the trained ``alpha`` per module), with kohya's ``ss_*`` and Stability's ``modelspec.*``
+  metadata. SD 1.5 keeps diffusers' block names after the prefix (kohya's own SD 1.5 LoRAs do), SDXL uses the
+  original (SGM) block names (``input_blocks.4.1…``), as kohya's SDXL LoRAs do.
+- ``full`` → one SD 1.5 checkpoint in the original (LDM) layout, fp16.
+- ControlNet (full, or its LoRA fused into its base) → one fp16 file in the original layout
+  (``control_model.…``), which sd-webui-controlnet, ComfyUI and diffusers' ``from_single_file`` read.
+- textual inversion → ``<identifier>.safetensors`` (``emb_params``; SDXL: ``clip_l`` and ``clip_g``): both UIs
+  take the file name as the word that calls it.
+
+The key maps below are adapted from diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``
+and ``convert_diffusers_to_original_sdxl.py`` (Apache-2.0), generalised to any block count and
+``layers_per_block``. Their inverse is diffusers' own ``single_file_utils``, which the tests run on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CLIP_VOCAB = 49408  # rows of the CLIP tokenizers' embedding tables (what single-file loaders build)
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers names → original (LDM / SGM) names
+
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text and time-ids embedding
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+    "controlnet_mid_block": "middle_block_out.0",
+}
+
+
+def _join(*parts) -> str:
+    return ".".join(str(p) for p in parts if p != "")
+
+
+def ldm_unet_key(name: str, config: dict) -> str:
+    """The original (LDM for SD 1.5, SGM for SDXL) name of a diffusers UNet or ControlNet parameter or module
+    ``name`` (e.g. ``down_blocks.1.attentions.0.proj_in.weight`` → ``input_blocks.4.1.proj_in.weight``).
+
+    ``config``: the UNet's (or ControlNet's) config. Each down block is ``layers_per_block`` entries of
+    ``input_blocks`` (resnet ``.0``, attention ``.1``) and one for its downsampler; each up block
+    ``layers_per_block + 1`` entries of ``output_blocks``, its upsampler in the last.
+    """
+    layers = config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise ValueError(f"layers_per_block {layers!r}: only one number for every block is supported")
+    for prefix, ldm in _UNET_TOP.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return ldm + name[len(prefix) :]
+    p = name.split(".")
+
+    def inner(kind: str, rest: list[str]) -> str:  # a resnet's or an attention's own layers
+        return _join(_RESNET.get(rest[0], rest[0]), *rest[1:]) if kind == "resnets" and rest else _join(*rest)
+
+    if p[0] == "down_blocks":
+        b = int(p[1])
+        if p[2] == "downsamplers":  # down_blocks.b.downsamplers.0.conv.weight
+            return _join("input_blocks", (b + 1) * (layers + 1), 0, "op", *p[5:])
+        return _join("input_blocks", 1 + b * (layers + 1) + int(p[3]), int(p[2] == "attentions"), inner(p[2], p[4:]))
+    if p[0] == "mid_block":  # resnet, attention, resnet
+        i = int(p[2])
+        return _join("middle_block", 1 if p[1] == "attentions" else 2 * i, inner(p[1], p[3:]))
+    if p[0] == "up_blocks":
+        b = int(p[1])
+        if p[2] == "upsamplers":
+            with_attention = "CrossAttn" in config["up_block_types"][b]
+            return _join("output_blocks", b * (layers + 1) + layers, 2 if with_attention else 1, "conv", *p[5:])
+        return _join("output_blocks", b * (layers + 1) + int(p[3]), int(p[2] == "attentions"), inner(p[2], p[4:]))
+    if p[0] == "controlnet_down_blocks":  # the zero convolutions
+        return _join("zero_convs", p[1], 0, *p[2:])
+    if p[0] == "controlnet_cond_embedding":  # the pose encoder: convs at even indices of input_hint_block
+        if p[1] == "conv_in":
+            return _join("input_hint_block", 0, *p[2:])
+        if p[1] == "blocks":
+            return _join("input_hint_block", 2 * int(p[2]) + 2, *p[3:])
+        if p[1] == "conv_out":
+            blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+            return _join("input_hint_block", 2 * blocks + 2, *p[2:])
+    raise ValueError(f"{name}: no original-layout name known for this UNet/ControlNet key")
+
+
+def ldm_vae_key(name: str, up_blocks: int) -> str:
+    """The original (LDM) name of a diffusers ``AutoencoderKL`` parameter (without ``first_stage_model.``)."""
+    p = name.split(".")
+    rest = p
+    if len(p) > 3 and p[1] in ("down_blocks", "up_blocks"):
+        i = int(p[2]) if p[1] == "down_blocks" else up_blocks - 1 - int(p[2])  # the decoder's run backwards
+        level = "down" if p[1] == "down_blocks" else "up"
+        if p[3] == "resnets":
+            rest = [p[0], level, str(i), "block", *p[4:]]
+        else:  # downsamplers.0.conv / upsamplers.0.conv
+            rest = [p[0], level, str(i), "downsample" if level == "down" else "upsample", *p[5:]]
+    elif len(p) > 3 and p[1] == "mid_block":
+        if p[2] == "resnets":
+            rest = [p[0], "mid", f"block_{int(p[3]) + 1}", *p[4:]]
+        else:
+            attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+            tail = p[5:] if p[4] != "to_out" else p[6:]  # to_out.0.weight
+            rest = [p[0], "mid", "attn_1", attn[p[4]], *tail]
+    elif len(p) > 1 and p[1] == "conv_norm_out":
+        rest = [p[0], "norm_out", *p[2:]]
+    return ".".join(rest).replace("conv_shortcut", "nin_shortcut")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the exports are named and the metadata they carry
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What an export's name and metadata say: the trigger word, the class, the method, the base."""
+
+    identifier: str
+    class_noun: str
+    method: str  # train.method
+    base_model: str
+    xl: bool
+    resolution: int
+
+    @classmethod
+    def from_params(cls, params: dict, xl: bool) -> Subject:
+        """From a config as ``Config.as_dict()`` gives it (also the ``params`` of a provenance.json)."""
+        c = params["common"]
+        method = params.get("train", {}).get("method", "lora")
+        return cls(c["identifier"], c["class_noun"], method, c["model"], xl, c["resolution"])
+
+    @property
+    def trigger(self) -> str:
+        return f"{self.identifier} {self.class_noun}"
+
+    @property
+    def stem(self) -> str:
+        """``<identifier>_<class>_<method>``: the trigger word and the experiment, safe as a file name."""
+        parts = (self.identifier, self.class_noun, self.method)
+        return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", s).strip("-") for s in parts)
+
+    @property
+    def architecture(self) -> str:
+        """modelspec's architecture id (kohya-ss/sd-scripts ``library/sai_model_spec.py``)."""
+        return "stable-diffusion-xl-v1-base" if self.xl else "stable-diffusion-v1"
+
+
+SGM = "https://github.com/Stability-AI/generative-models"
+
+
+def modelspec(s: Subject, kind: str, title: str, implementation: str) -> dict[str, str]:
+    """Stability's ModelSpec 1.0.0 entries (``kind``: ``lora``, ``textual-inversion``, ``controlnet`` or
+    ``""`` for a checkpoint). No ``modelspec.date``: the same training gives the same bytes (DVC)."""
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{s.architecture}/{kind}" if kind else s.architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{s.resolution}x{s.resolution}",
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.trigger_phrase": s.trigger,
+        "modelspec.usage_hint": f"Use '{s.trigger}' in the prompt",
+        "modelspec.description": f"posebooth {s.method} of '{s.trigger}' on {s.base_model}",
+    }
+
+
+def lora_metadata(s: Subject, rank: int, alpha: float, title: str) -> dict[str, str]:
+    """kohya's ``ss_*`` entries (sd-scripts ``train_network.py``) and the modelspec ones, for a LoRA."""
+    return {
+        "ss_base_model_version": "sdxl_base_v1-0" if s.xl else "sd_v1",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_output_name": title,
+        "ss_sd_model_name": s.base_model,
+        "ss_v2": "False",
+        "ss_resolution": f"({s.resolution}, {s.resolution})",
+        # A1111's LoRA card lists these as the training tags: the trigger phrase, once per image folder
+        "ss_tag_frequency": json.dumps({"instance": {s.trigger: 1}}),
+        "ss_training_comment": f"trigger: {s.trigger}",
+    } | modelspec(s, "lora", title, SGM if s.xl else "diffusers")  # kohya's rule: SDXL LoRAs are SGM-named
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` with the header's keys sorted: safetensors writes the metadata in
+    hash-map order, which changes from process to process, and DVC would see a new file for the same weights.
+    The header is rewritten in place (same length: the same entries in another order)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path), metadata=metadata)
+    with path.open("r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        body = raw.rstrip(b" ")
+        header = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(header) != len(body):
+            raise ValueError(f"{path}: the sorted safetensors header has another length; not rewritten")
+        f.seek(8)
+        f.write(header + raw[len(body) :])
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA: diffusers → kohya
+
+_LORA_KEY = re.compile(
+    r"^(?P<part>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\."
+    r"(?:lora\.(?P<a>down|up)|lora_linear_layer\.(?P<b>down|up)|lora_(?P<c>A|B))\.weight$"
+)
+
+
+def kohya_module_name(part: str, module: str, unet_config: dict, xl: bool) -> str:
+    """kohya's name of a LoRA'd module: ``part`` is ``unet``, ``text_encoder`` or ``text_encoder_2``,
+    ``module`` its diffusers/transformers path."""
+    if part == "unet":
+        return "lora_unet_" + (ldm_unet_key(module, unet_config) if xl else module).replace(".", "_")
+    module = module if module.startswith("text_model.") else "text_model." + module
+    prefix = {"text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}[part]
+    return prefix + module.replace(".", "_")
+
+
+def lora_config(path: Path) -> dict[str, dict]:
+    """Per part (``unet``, ``text_encoder``…), the adapter config diffusers saved in the LoRA file's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    parts: dict[str, dict] = {}
+    for key, value in meta.items():
+        part, _, field = key.partition(".")
+        parts.setdefault(part, {})[field] = value
+    return parts
+
+
+def kohya_lora(state: dict[str, torch.Tensor], config: dict[str, dict], unet_config: dict, xl: bool) -> dict:
+    """A diffusers LoRA state dict (``unet.…lora.down.weight``, ``text_encoder.…lora_linear_layer.up.weight``,
+    PEFT's ``lora_A``/``lora_B``) in kohya's layout, each part converted on its own, the ``.alpha`` of every
+    module that part's trained ``lora_alpha`` (``config``: per part, as ``lora_config`` reads it)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, weight in state.items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            raise ValueError(f"{key}: not a LoRA key of the UNet or a text encoder (the kohya export is for LoRA)")
+        part = m["part"]
+        cfg = config.get(part, {})
+        if cfg.get("alpha_pattern") or cfg.get("rank_pattern") or cfg.get("use_dora") or cfg.get("use_rslora"):
+            raise ValueError(f"{part}: a LoRA with per-module alphas or ranks, DoRA or rsLoRA has no kohya export here")
+        if "lora_alpha" not in cfg:
+            raise ValueError(f"{part}: the LoRA file's metadata has no lora_alpha; save it with save_unet_lora")
+        name = kohya_module_name(part, m["module"], unet_config, xl)
+        down = (m["a"] or m["b"] or {"A": "down", "B": "up"}[m["c"] or "A"]) == "down"
+        out[f"{name}.lora_{'down' if down else 'up'}.weight"] = weight
+        out[f"{name}.alpha"] = torch.tensor(float(cfg["lora_alpha"]))
+    return out
+
+
+def export_kohya(
+    diffusers_file: Path,
+    out_file: Path,
+    unet_config: dict,
+    subject: Subject,
+    text_encoders_from: Path | None = None,
+) -> Path:
+    """Write the diffusers LoRA file ``diffusers_file`` in kohya's layout, which AUTOMATIC1111/Forge and ComfyUI
+    read, with its metadata. ``text_encoders_from``: another diffusers LoRA file whose text-encoder parts
+    replace this one's (stage 2 continues only the UNet LoRA of stage 1)."""
+    from safetensors.torch import load_file
+
+    state, config = load_file(str(diffusers_file)), lora_config(diffusers_file)
+    if text_encoders_from is not None:
+        state = {k: v for k, v in state.items() if k.startswith("unet.")}
+        state |= {k: v for k, v in load_file(str(text_encoders_from)).items() if not k.startswith("unet.")}
+        config |= {p: c for p, c in lora_config(text_encoders_from).items() if p != "unet"}
+    kohya = kohya_lora(state, config, unet_config, subject.xl)
+    rank = max(w.shape[0] for k, w in kohya.items() if k.endswith(".lora_down.weight"))
+    alpha = config["unet"]["lora_alpha"] if "unet" in config else next(iter(config.values()))["lora_alpha"]
+    return save_safetensors(kohya, out_file, lora_metadata(subject, rank, alpha, out_file.stem))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single-file checkpoints: SD 1.5 (full) and ControlNet
+
+
+def ldm_checkpoint(unet: dict, vae: dict, text_encoder: dict, unet_config: dict, vae_config: dict) -> dict:
+    """An SD 1.5 pipeline's state dicts in the original single-file layout (``model.diffusion_model.``,
+    ``first_stage_model.``, ``cond_stage_model.transformer.``), fp16. The VAE's mid-block attention is
+    1×1 convolutions there, linear layers in diffusers."""
+    out = {f"model.diffusion_model.{ldm_unet_key(k, unet_config)}": v for k, v in unet.items()}
+    up = len(vae_config["up_block_types"])
+    for k, v in vae.items():
+        key = ldm_vae_key(k, up)
+        if ".mid.attn_1." in key and key.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # (C, C) → (C, C, 1, 1)
+        out[f"first_stage_model.{key}"] = v
+    out |= {f"cond_stage_model.transformer.{k}": v for k, v in text_encoder.items() if "position_ids" not in k}
+    return {k: v.half() if v.is_floating_point() else v for k, v in out.items()}
+
+
+def export_checkpoint(pipeline_folder: Path, out_file: Path, subject: Subject) -> list[Path]:
+    """The ``full`` method's diffusers pipeline as one fp16 SD 1.5 checkpoint (A1111/Forge ``models/Stable-
+    diffusion``, ComfyUI ``models/checkpoints``, diffusers ``from_single_file``). A token added to the
+    tokenizer (``train.new_token``) cannot live in a checkpoint, whose loaders build the stock 49408-row
+    table: its rows go to ``<identifier>.safetensors``, an embedding, and the table is cut back."""
+    from safetensors.torch import load_file
+
+    if subject.xl:
+        raise ValueError("the full-checkpoint export is for SD 1.5 (train.method full is SD 1.5 only)")
+    parts = {p: load_file(str(pipeline_folder / p / _weights_file(pipeline_folder / p))) for p in PARTS}
+    # transformers 5 saves CLIPTextModel's weights without its ``text_model.`` prefix; the checkpoint has it
+    te = parts["text_encoder"]
+    parts["text_encoder"] = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in te.items()}
+    configs = {p: json.loads((pipeline_folder / p / "config.json").read_text()) for p in ("unet", "vae")}
+    written = []
+    table_key = "text_model.embeddings.token_embedding.weight"
+    table = parts["text_encoder"][table_key]
+    if len(table) > CLIP_VOCAB:
+        parts["text_encoder"][table_key] = table[:CLIP_VOCAB]
+        written.append(_save_embedding({"emb_params": table[CLIP_VOCAB:].float()}, out_file.parent, subject))
+    ckpt = ldm_checkpoint(parts["unet"], parts["vae"], parts["text_encoder"], configs["unet"], configs["vae"])
+    meta = modelspec(subject, "", out_file.stem, SGM)
+    return [save_safetensors(ckpt, out_file, meta), *written]
+
+
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def _weights_file(folder: Path) -> str:
+    names = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+    for name in names:
+        if (folder / name).exists():
+            return name
+    raise FileNotFoundError(f"{folder}: none of {names}")
+
+
+def controlnet_checkpoint(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet's state dict in the original layout (``control_model.input_blocks…``,
+    ``zero_convs``, ``input_hint_block``, ``middle_block_out``), fp16."""
+    return {f"control_model.{ldm_unet_key(k, config)}": v.half() for k, v in state.items()}
+
+
+def export_controlnet(controlnet, out_file: Path, subject: Subject) -> Path:
+    """A ``ControlNetModel`` (its LoRA, if it has one, fused into it first) as one fp16 file that
+    sd-webui-controlnet, ComfyUI and ``ControlNetModel.from_single_file`` load."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = controlnet.state_dict()
+    if any(isinstance(m, BaseTunerLayer) for m in controlnet.modules()):
+        import copy
+
+        fused = copy.deepcopy(controlnet).float()  # fused in fp32, so the LoRA's small update is not rounded away
+        fused.fuse_lora(lora_scale=1.0)
+        fused.unload_lora()
+        state = fused.state_dict()
+    meta = modelspec(subject, "controlnet", out_file.stem, SGM) | {"modelspec.preprocessor": "openpose"}
+    return save_safetensors(controlnet_checkpoint(state, dict(controlnet.config)), out_file, meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Textual inversion
+
+
+def _save_embedding(tensors: dict[str, torch.Tensor], folder: Path, subject: Subject) -> Path:
+    meta = modelspec(subject, "textual-inversion", subject.identifier, SGM)
+    return save_safetensors(tensors, folder / f"{subject.identifier}.safetensors", meta)
+
+
+def export_embedding(learned_embeds: Path, folder: Path, subject: Subject) -> Path:
+    """``learned_embeds.safetensors`` as ``<identifier>.safetensors``: the word that calls it in A1111 (and
+    ``embedding:<identifier>`` in ComfyUI) is the file name. SD 1.5: one tensor ``emb_params`` (N, 768), the
+    name A1111 saves; SDXL: ``clip_l`` (N, 768) and ``clip_g`` (N, 1280), the keys both UIs read."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(learned_embeds))
+    if set(state) != {"clip_l", "clip_g"}:
+        if len(state) != 1:
+            raise ValueError(f"{learned_embeds}: expected one embedding, found {sorted(state)}")
+        state = {"emb_params": next(iter(state.values()))}
+    return _save_embedding({k: v.float() for k, v in state.items()}, folder, subject)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole stages
+
+
+def unet_config_of(stage1: Path) -> dict:
+    """The UNet config of the model stage 1 trained: its own (``full``), else its base model's (a hub id in
+    the cache, a folder or an embedded model; read offline)."""
+    from diffusers import UNet2DConditionModel
+
+    from posebooth import embedded
+
+    if (Path(stage1) / "unet" / "config.json").exists():
+        return json.loads((Path(stage1) / "unet" / "config.json").read_text())
+    base = _stage1_params(stage1)["common"]["model"]
+    return dict(UNet2DConditionModel.load_config(embedded.resolve(base), subfolder="unet"))
+
+
+def _stage1_params(stage1: Path) -> dict:
+    path = Path(stage1) / "provenance.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run train_stage1_appearance first (dvc repro)")
+    return json.loads(path.read_text())["params"]
+
+
+def subject_of(stage1: Path) -> Subject:
+    """The subject a stage-1 folder holds, from its provenance.json (the params that trained it)."""
+    xl = unet_config_of(stage1).get("addition_embed_type") == "text_time"  # SDXL's added conditioning
+    return Subject.from_params(_stage1_params(stage1), xl)
+
+
+def write_all(stage1: Path, stage2: Path | None, out: Path) -> list[Path]:
+    """Every UI export of the trained ``stage1`` (and ``stage2``, if given and trained) into ``out``: what
+    ``posebooth export`` writes."""
+    stage1 = Path(stage1)
+    subject, unet_config = subject_of(stage1), unet_config_of(stage1)
+    written = write_stage1(stage1, out, subject, unet_config)
+    if stage2 is not None and (Path(stage2) / "provenance.json").exists():
+        written += write_stage2(Path(stage2), stage1, out, subject, unet_config)
+    return written
+
+
+def write_stage1(stage1: Path, out: Path, subject: Subject, unet_config: dict) -> list[Path]:
+    """The UI exports of what stage 1 saved in ``stage1``: the kohya LoRA, the embedding, the checkpoint.
+    (Custom Diffusion's weights have no UI format; only its embedding is exported.)"""
+    from posebooth.lora import LORA_FILE
+    from posebooth.methods import TI_FILE
+
+    stage1, out = Path(stage1), Path(out)
+    written = []
+    if (stage1 / LORA_FILE).exists():
+        written.append(export_kohya(stage1 / LORA_FILE, out / f"{subject.stem}.safetensors", unet_config, subject))
+    if (stage1 / TI_FILE).exists():
+        written.append(export_embedding(stage1 / TI_FILE, out, subject))
+    if (stage1 / "model_index.json").exists():
+        written += export_checkpoint(stage1, out / f"{subject.stem}.safetensors", subject)
+    for path in written:
+        log.info("export: %s", path)
+    return written
+
+
+def write_stage2(stage2: Path, stage1: Path, out: Path, subject: Subject, unet_config: dict, controlnet=None):
+    """The UI exports of stage 2: the ControlNet as one file (``controlnet``: the trained model if at hand,
+    else loaded from ``stage2``) and the continued UNet LoRA (with stage 1's text-encoder LoRA, as
+    ``posebooth generate`` combines them)."""
+    from posebooth.lora import LORA_FILE
+
+    stage2, out = Path(stage2), Path(out)
+    if controlnet is None:
+        from posebooth.subject import load_stage2_controlnet
+
+        controlnet = load_stage2_controlnet(stage2, "cpu", "fp32")
+    written = [export_controlnet(controlnet, out / f"{subject.stem}_openpose_controlnet.safetensors", subject)]
+    if (stage2 / "unet_lora" / LORA_FILE).exists():
+        te = stage1 / LORA_FILE if (stage1 / LORA_FILE).exists() else None
+        out_file = out / f"{subject.stem}_pose.safetensors"
+        written.append(export_kohya(stage2 / "unet_lora" / LORA_FILE, out_file, unet_config, subject, te))
+    for path in written:
+        log.info("export: %s", path)
+    return written
