@@ -40,6 +40,8 @@ def _prob():
 
 METHODS = ("lora", "full", "custom_diffusion", "textual_inversion", "momentum_ti")
 SCHEDULERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "dpm++")
+OPTIMIZERS = ("adamw", "adamw_8bit", "prodigy", "adafactor")
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Common:
     deterministic: bool  # GPU: deterministic kernels only (slower); CPU runs are bit-identical either way
     train_launcher: str  # what runs the training stages (dvc.yaml's cmd): python, or accelerate launch [options]
     monitor_system: bool  # training stages: dvclive's system figures beside the curves (they vary by run)
+    trackers: list[Literal[TRACKERS]]  # training stages: accelerate's trackers beside dvclive, offline by default
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Optimisation:
     prior_loss_weight: float = _nonneg()  # λ of the class prior term; 0 trains without it
     weight_decay: float = _nonneg()
     max_grad_norm: float = _positive()
-    optimizer: Literal["adamw", "adamw_8bit"]  # adamw_8bit: bitsandbytes
+    optimizer: Literal[OPTIMIZERS]  # adamw_8bit: bitsandbytes; prodigy: prodigyopt, lr 1.0; adafactor: transformers
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"]
     lr_warmup_steps: int = _nonneg()
     gradient_accumulation_steps: int = _rng(1)
@@ -339,6 +342,8 @@ def _cross_checks(cfg: Config) -> None:
             )
         _check_template("common.instance_prompt", c.instance_prompt)
         _check_template("common.class_prompt", c.class_prompt)
+        if len(set(c.trackers)) < len(c.trackers):
+            raise ConfigError(f"common.trackers: {c.trackers} names a tracker twice; list each once")
     if cfg.prepare_images is not None:
         color = cfg.prepare_images.pad_color
         if len(color) != 3 or not all(0 <= v <= 255 for v in color):

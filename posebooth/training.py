@@ -1,16 +1,20 @@
-"""Pieces both training stages share: batch sampling, the optimizer, step logging with dvclive."""
+"""Pieces both training stages share: batch sampling, the optimizer, step logging with dvclive and trackers."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from posebooth import outputs
+
+log = logging.getLogger(__name__)
 
 
 def sample_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -75,23 +79,60 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def make_accelerator(device: str, precision: str, gradient_accumulation_steps: int):
+def make_accelerator(
+    device: str, precision: str, gradient_accumulation_steps: int, log_with: list[str] = (), project_dir=None
+):
     """An ``accelerate.Accelerator``: mixed precision (with a gradient scaler for fp16), gradient
-    accumulation, and multi-GPU / multi-node training when the stage runs under ``accelerate launch``."""
+    accumulation, and multi-GPU / multi-node training when the stage runs under ``accelerate launch``.
+    ``log_with``: accelerate's trackers (``common.trackers``), started by ``StepLog.track`` under ``project_dir``."""
     from accelerate import Accelerator
 
+    check_trackers(log_with)
     return Accelerator(
         mixed_precision={"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision],
         gradient_accumulation_steps=gradient_accumulation_steps,
         cpu=device == "cpu",
+        log_with=list(log_with) or None,
+        project_dir=str(project_dir) if project_dir else None,
     )
 
 
+# common.trackers: the trackers accelerate runs beside dvclive, and the package each needs (accelerate itself
+# only warns and skips a tracker whose package is missing: here that is an error)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_trackers(trackers) -> None:
+    """Raise ``ValueError`` naming the key for an unknown tracker, or naming the package to install."""
+    import importlib.util
+
+    for name in trackers:
+        if name not in TRACKER_PACKAGES:
+            raise ValueError(f"common.trackers: unknown tracker {name!r}; choose from {list(TRACKER_PACKAGES)}")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ValueError(
+                f"common.trackers: {name} needs the {TRACKER_PACKAGES[name]} package "
+                f"(pip install {TRACKER_PACKAGES[name]}), or remove {name!r} from common.trackers"
+            )
+
+
+def tracker_dir(stage: str) -> Path:
+    """``$POSEBOOTH_CACHE/trackers/<stage>/<start time>/``: a new folder for this run's TensorBoard events and
+    W&B run, outside the stage's DVC outputs (DVC deletes those before a re-run; tracker runs differ from run
+    to run, so they are no output), and kept across runs: ``tensorboard --logdir $POSEBOOTH_CACHE/trackers``."""
+    from posebooth import embedded
+
+    return embedded.cache_root().parent / "trackers" / stage / time.strftime("%Y%m%d-%H%M%S")
+
+
 def make_optimizer(params, lr: float, weight_decay: float, kind: str = "adamw", min_8bit_size: int = 4096):
-    """AdamW as in diffusers' DreamBooth and ControlNet scripts, or bitsandbytes' 8-bit AdamW.
+    """AdamW as in diffusers' DreamBooth and ControlNet scripts, bitsandbytes' 8-bit AdamW, Prodigy or Adafactor.
 
     ``params`` may be parameters or param groups (dicts with their own ``lr``). bitsandbytes keeps fp32
-    state for tensors with fewer than ``min_8bit_size`` elements.
+    state for tensors with fewer than ``min_8bit_size`` elements. Prodigy (Mishchenko and Defazio 2023,
+    prodigyopt) estimates the step size itself: ``lr`` multiplies its estimate, 1.0 by convention. Adafactor
+    (Shazeer and Stern 2018, transformers' implementation) runs with the configured ``lr``: no relative step,
+    no parameter scaling, no warmup init, as diffusers' and kohya's users run it.
     """
     params = list(params)
     if not params or any(isinstance(g, dict) and not list(g["params"]) for g in params):
@@ -104,7 +145,26 @@ def make_optimizer(params, lr: float, weight_decay: float, kind: str = "adamw", 
         except ImportError as err:
             raise ValueError("optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from err
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
-    raise ValueError(f"optimizer: unknown optimizer {kind!r}; choose adamw or adamw_8bit")
+    if kind == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as err:
+            raise ValueError("optimizer: prodigy needs prodigyopt (pip install prodigyopt)") from err
+        lrs = [g.get("lr", lr) if isinstance(g, dict) else lr for g in params]
+        if any(not 0.1 <= x <= 10.0 for x in lrs):  # a likely AdamW rate (1e-4) makes Prodigy take tiny steps
+            log.warning(
+                "optimizer: prodigy with lr %s; Prodigy finds the step size itself and lr scales it: "
+                "use lr 1.0 (the convention) unless you mean to scale it",
+                lrs,
+            )
+        return Prodigy(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False, warmup_init=False
+        )
+    raise ValueError(f"optimizer: unknown optimizer {kind!r}; choose adamw, adamw_8bit, prodigy or adafactor")
 
 
 def make_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
@@ -161,6 +221,7 @@ class StepLog:
             shutil.rmtree(self.plots_dir)
         self.live = Live(str(self.plots_dir), dvcyaml=False, save_dvc_exp=False, report=None)
         self.history: list[dict] = []
+        self.accelerator = None  # the accelerator whose trackers (common.trackers) this log feeds, once tracking
         self.images_dir = self.plots_dir / "plots" / "images"
         if images is not None and images.is_dir():
             shutil.copytree(images, self.images_dir, dirs_exist_ok=True)
@@ -170,19 +231,48 @@ class StepLog:
             _without_gpu_figures_unless_nvml_loads()
             self.live.monitor_system()
 
+    def track(self, accelerator, stage: str, config: dict) -> None:
+        """Start the trackers of ``accelerator`` (made with ``log_with``, ``project_dir``: see ``prepare``), if
+        any, once: later steps and images go to them too, through this accelerator (stage 1 makes one per
+        phase; the trackers of the first one serve every phase). The run's folder (``tracker_dir``) holds
+        TensorBoard's events (``posebooth/``) and W&B's run (``wandb/``); W&B runs offline unless ``WANDB_MODE``
+        says otherwise (``wandb sync`` uploads an offline run later). Steps logged before (``history`` from a
+        checkpoint) are not sent again."""
+        if self.accelerator is not None or not accelerator.log_with:
+            return
+        run_dir = Path(accelerator.logging_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mode = os.environ.get("WANDB_MODE", "offline")
+        wandb = {"dir": str(run_dir), "name": f"{stage}-{run_dir.name}", "group": stage, "mode": mode}
+        accelerator.init_trackers("posebooth", config=flat_config(config), init_kwargs={"wandb": wandb})
+        self.accelerator = accelerator
+        log.info("trackers %s write to %s", [t.name for t in accelerator.trackers], run_dir)
+
     def image(self, name: str, step: int, image) -> None:
         """Log an image as ``<name>/<step>.png``: the layout that ``dvc plots`` and the VS Code extension show
         as one image per ``name`` with a step slider (the extension's ``MULTI_IMAGE_PATH_REG`` matches
-        ``<folder>/<digits>.<ext>`` only)."""
+        ``<folder>/<digits>.<ext>`` only); and to the trackers, at optimizer step ``step``."""
         self.live.log_image(f"{name}/{step}.png", image)
+        for tracker in self.accelerator.trackers if self.accelerator else []:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.run.log({name: wandb.Image(image)}, step=step)
 
     def log(self, **values: float) -> None:
-        """Log one step's values (plotted) and advance the step."""
+        """Log one step's values (plotted) and advance the step; the trackers get them at step
+        ``len(history)``, the optimizer steps done (as validation images are numbered)."""
         values = {k: float(v) for k, v in values.items()}
         for k, v in values.items():
             self.live.log_metric(k, v)
         self.live.next_step()
         self.history.append(values)
+        if self.accelerator is not None:
+            self.accelerator.log(values, step=len(self.history))
 
     def summary(self, **values) -> None:
         """Values for the metrics file only (not plotted): numbers or None, like every metric."""
@@ -192,6 +282,8 @@ class StepLog:
 
     def close(self) -> None:
         self.live.end()
+        if self.accelerator is not None:
+            self.accelerator.end_training()
         live_summary = self.plots_dir / "metrics.json"
         summary = json.loads(live_summary.read_text())
         summary.pop("system", None)
@@ -201,14 +293,37 @@ class StepLog:
     def abort(self) -> None:
         """Stop logging after an error; what was logged stays (a partial curve)."""
         self.live.end()
+        if self.accelerator is not None:
+            self.accelerator.end_training()
 
 
-def prepare(models: list, params: list, t, device: str, precision: str, steps: int | None = None):
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A nested config as the flat ``{"train.lr": 1e-4}`` of numbers, strings and booleans that trackers
+    take as hyperparameters (TensorBoard's ``add_hparams`` refuses lists and None: they become strings)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= flat_config(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def prepare(
+    models: list,
+    params: list,
+    t,
+    device: str,
+    precision: str,
+    steps: int | None = None,
+    trackers: list[str] = (),
+    tracker_root=None,
+):
     """Optimizer, lr schedule and accelerator for training ``params`` (parameters, or param groups with
     their own ``lr``) of ``models`` with the knobs in ``t`` (a ``config.Optimisation``) over ``steps``
-    optimizer steps (``t.steps`` by default). Returns ``(accelerator, models, optimizer, lr_scheduler)``,
-    prepared."""
-    accelerator = make_accelerator(device, precision, t.gradient_accumulation_steps)
+    optimizer steps (``t.steps`` by default). ``trackers`` (``common.trackers``) log under ``tracker_root``
+    once ``StepLog.track`` starts them. Returns ``(accelerator, models, optimizer, lr_scheduler)``, prepared."""
+    accelerator = make_accelerator(device, precision, t.gradient_accumulation_steps, trackers, tracker_root)
     if t.gradient_checkpointing:
         for model in models:
             if hasattr(model, "enable_gradient_checkpointing"):  # diffusers

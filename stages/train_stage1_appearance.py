@@ -125,6 +125,7 @@ def main() -> None:
         if training.is_main_process() else training.NullLog()
     )  # fmt: skip
     validation_prompts = [config.fill(p, c) for p in t.validation_prompts]
+    tracker_root = training.tracker_dir("train_stage1_appearance")  # TensorBoard / W&B (common.trackers)
     start, done, trainable_count = time.perf_counter(), 0, 0
     try:
         for phase in phases:
@@ -137,8 +138,9 @@ def main() -> None:
             outputs.require_free_space({ckpt_root: 3 * weights, args.out: saved}, "train_stage1_appearance")
             models = [unet, *comp.text_encoders] if tr.text_encoder_trains else [unet]
             accelerator, models, optimizer, lr_scheduler = training.prepare(
-                models, tr.groups, t, c.device, c.precision, steps
+                models, tr.groups, t, c.device, c.precision, steps, c.trackers, tracker_root
             )
+            steplog.track(accelerator, "train_stage1_appearance", cfg.as_dict())  # the first phase's, once
             shard = training.Shard(accelerator)  # this process's slice of each global batch
             if shard.world > 1:
                 log.info("%s on %d processes (accelerate launch): %d instance image(s) per process and micro-step",

@@ -125,7 +125,10 @@ def main() -> None:
             p.data = p.data.float()
         groups.append({"params": unet_lora, "lr": t.unet_lr})
         models.append(unet)
-    accelerator, models, optimizer, lr_scheduler = training.prepare(models, groups, t, c.device, c.precision)
+    tracker_root = training.tracker_dir("train_stage2_pose")  # TensorBoard / W&B (common.trackers)
+    accelerator, models, optimizer, lr_scheduler = training.prepare(
+        models, groups, t, c.device, c.precision, trackers=c.trackers, tracker_root=tracker_root
+    )
     controlnet, unet = models[0], (models[1] if t.train_unet_lora else unet)
     params = [p for g in groups for p in g["params"]]
     for model in models:
@@ -155,6 +158,7 @@ def main() -> None:
         if accelerator.is_main_process
         else training.NullLog()
     )
+    steplog.track(accelerator, "train_stage2_pose", cfg.as_dict())  # TensorBoard / W&B (common.trackers)
     shard = training.Shard(accelerator)  # this process's slice of each global batch
     if shard.world > 1:
         log.info("%d processes (accelerate launch): %d pair(s) per process and micro-step", shard.world, b)

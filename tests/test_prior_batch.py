@@ -241,8 +241,9 @@ def test_stage2_pairs_each_class_image_with_its_own_pose_and_the_class_prompt(ti
     from tests.test_lora import _random_lora
 
     params = workspace(tmp_path, monkeypatch, "embedded:tiny-sd15", {})
+    # export off: the hand-made stage-1 folder has no provenance.json to name the exports after
     params["train_pose"].update(steps=1, batch_size=B, prior_loss_weight=LAMBDA, empty_prompt_prob=0.0,
-                                checkpoint_every=0, export=False)  # fmt: skip (no stage-1 provenance to export)
+                                checkpoint_every=0, export=False)  # fmt: skip
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     _random_lora(tmp_path / "models" / "stage1", alpha=4.0, std=0.2, seed=1)
     # data/poses by hand: every image used, pose map i a flat grey that names its image
