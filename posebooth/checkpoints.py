@@ -4,7 +4,8 @@ DVC deletes a stage's outputs before it runs the stage again, so checkpoints liv
 ``$POSEBOOTH_CACHE/checkpoints/<stage>/<key>/``, where the key hashes the stage's params, the bytes of its
 inputs and the workspace's path: a checkpoint is only ever resumed by the same training in the same workspace
 (see ``checkpoint_dir``). A checkpoint holds the whole state (trainable weights, optimizer state, lr-scheduler
-state, the fp16 gradient scaler's state, the training RNG, the step) as safetensors and JSON, nothing pickled;
+state, the fp16 gradient scaler's state, the EMA's shadow weights and step count, the training RNG, the step) as
+safetensors and JSON, nothing pickled;
 it is written atomically and removed once training completes.
 """
 
@@ -79,11 +80,13 @@ def save(
     history: list,
     images: Path | None = None,
     scaler=None,
+    ema=None,
 ) -> None:
     """Write the whole training state after ``step`` optimizer steps (with the logged ``history`` of
     per-step values and the ``images`` logged so far, so the plots survive too), replacing any older one.
     ``scaler``: fp16's gradient scaler (``accelerator.scaler``; None without one), whose loss scale and growth
-    tracker decide the next steps' updates, so a resumed fp16 run goes on exactly."""
+    tracker decide the next steps' updates, so a resumed fp16 run goes on exactly. ``ema``: the EMA of the
+    ``trainable`` weights (``training.make_ema`` over them in this order; None without one)."""
     from safetensors.torch import save_file
 
     opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
@@ -91,21 +94,25 @@ def save(
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
         save_file({"generator": generator.get_state()}, str(tmp / "rng.safetensors"))
+        if ema is not None:  # its step count decides the next decays (training.make_ema): in state.json
+            shadow = {k: v.detach().contiguous().cpu() for k, v in zip(trainable, ema.shadow_params, strict=True)}
+            save_file(shadow, str(tmp / "ema.safetensors"))
         if images is not None and images.is_dir():
             shutil.copytree(images, tmp / "images")
         outputs.write_json(tmp / "state.json", {
             "step": step, "optimizer": opt_rest, "lr_scheduler": lr_scheduler.state_dict(), "history": history,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema_step": ema.optimization_step if ema is not None else None,
         })  # fmt: skip
     log.info("training state of step %d saved in %s", step, folder)
     outputs.failpoint("checkpoint-saved")
 
 
 def load(
-    folder: Path, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler, generator, scaler=None
+    folder: Path, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler, generator, scaler=None, ema=None
 ) -> tuple[int, list]:
-    """Restore a checkpoint into the live objects (and fp16's gradient ``scaler``, when there is one); returns
-    (optimizer steps already done, logged history)."""
+    """Restore a checkpoint into the live objects (and fp16's gradient ``scaler`` and the ``ema``, when there
+    are); returns (optimizer steps already done, logged history)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / "trainable.safetensors"))
@@ -120,6 +127,14 @@ def load(
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if not (folder / "ema.safetensors").exists():
+            raise ValueError(f"{folder}: the checkpoint holds no EMA weights but this training has one; delete it")
+        shadow = load_file(str(folder / "ema.safetensors"))
+        with torch.no_grad():
+            for name, s in zip(trainable, ema.shadow_params, strict=True):
+                s.copy_(shadow[name])
+        ema.optimization_step = int(state["ema_step"])
     generator.set_state(load_file(str(folder / "rng.safetensors"))["generator"])
     return int(state["step"]), state["history"]
 

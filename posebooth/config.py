@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,7 @@ class Optimisation:
     noise_offset: float = _nonneg()  # offset noise; 0 = off
     checkpoint_every: int = _nonneg()  # optimizer steps between resumable checkpoints; 0 = none
     vae_batch_size: int = _rng(1)  # images per VAE encode call before training (photos, class images); lower on OOM
+    ema_decay: float = _rng(0.0, 1.0)  # cap of the EMA's decay (training.make_ema); 0 = no EMA, < 1
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ class Train(Optimisation):
     ]  # random training prompts ({identifier} {class_noun} or {subject}); [] = instance_prompt
     descriptive_words: list[str]  # appended to a training prompt with descriptive_prob
     descriptive_prob: float = _prob()
+    caption_template: str  # a photo's prompt when it has a caption (photo.txt): {prompt} and {caption}, see prompts.py
+    caption_dropout: float = _prob()  # probability a captioned photo trains on the bare instance prompt
     validation_every: int = _nonneg()  # optimizer steps between validation images; 0 = none
     validation_prompts: list[str]  # templates with {identifier} and {class_noun}
     validation_steps: int = _rng(1)  # sampling steps of a validation image
@@ -360,6 +364,7 @@ def _cross_checks(cfg: Config) -> None:
                 raise ConfigError(
                     f"train.prompt_templates[{i}]: {p!r} may use {{identifier}}, {{class_noun}}, {{subject}} ({err})"
                 ) from err
+        _check_caption_template(cfg.train.caption_template)
     if cfg.train is not None:
         _check_method(cfg.train)
     if cfg.common is not None and not re.fullmatch(r"(python|accelerate launch|torchrun)( [-\w=.:/]+)*",
@@ -389,6 +394,8 @@ def _cross_checks(cfg: Config) -> None:
         t = getattr(cfg, name)
         if t is not None and t.lr_warmup_steps > t.steps:
             raise ConfigError(f"{name}.lr_warmup_steps: {t.lr_warmup_steps} is more than {name}.steps ({t.steps})")
+        if t is not None and t.ema_decay >= 1:
+            raise ConfigError(f"{name}.ema_decay: {t.ema_decay} would never move the average; use 0 (off) or < 1")
     if cfg.train is not None and cfg.generate_class_priors is not None:
         if cfg.train.prior_loss_weight > 0 and cfg.generate_class_priors.num_class_images == 0:
             raise ConfigError(
@@ -416,6 +423,25 @@ def _check_method(t: Train) -> None:
         raise ConfigError(
             f"train.new_token: a brand-new token needs a method that learns its embedding (textual_inversion, "
             f"custom_diffusion with train_token_embedding, full with train_text_encoder); method is {t.method}"
+        )
+
+
+def _check_caption_template(template: str) -> None:
+    """The caption template must put in the caption and the subject (the instance prompt or the identifier),
+    or a captioned photo would train without its identifier."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise ConfigError(f"train.caption_template: {template!r} is not a format string ({err})") from err
+    if not fields <= {"prompt", "identifier", "class_noun", "caption"}:
+        raise ConfigError(
+            f"train.caption_template: {template!r} may only use {{prompt}}, {{identifier}}, {{class_noun}} and "
+            f"{{caption}}; it uses {sorted(fields)}"
+        )
+    if "caption" not in fields or not fields & {"prompt", "identifier"}:
+        raise ConfigError(
+            f"train.caption_template: {template!r} needs {{caption}} and {{prompt}} (the instance prompt) or "
+            f"{{identifier}}, e.g. '{{prompt}}, {{caption}}'"
         )
 
 

@@ -31,6 +31,13 @@ def instance_images(prepared: str | Path, resolution: int) -> tuple[list[str], t
     return names, torch.stack([to_tensor(_read_rgb(prepared / "images" / f"{n}.png", resolution)) for n in names])
 
 
+def instance_captions(prepared: str | Path, names: list[str]) -> list[str | None]:
+    """The caption prepare_images recorded for each prepared image ``names`` (from ``<stem>.txt`` beside the
+    photo), or None; a manifest written before captions existed has none."""
+    records = {r["name"]: r for r in read_json(Path(prepared) / "manifest.json")["images"]}
+    return [records[name].get("caption") for name in names]
+
+
 def time_ids(prepared: str | Path, names: list[str], resolution: int) -> torch.Tensor:
     """SDXL's time ids (N, 6) of the prepared images ``names`` as they are: (original height, width, crop top,
     left, target height, width), from what prepare_images recorded of each photo."""

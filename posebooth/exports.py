@@ -467,7 +467,7 @@ def write_stage2(stage2: Path, stage1: Path, out: Path, subject: Subject, unet_c
     ``posebooth generate`` combines them)."""
     from posebooth.lora import LORA_FILE
 
-    stage2, out = Path(stage2), Path(out)
+    stage2, stage1, out = Path(stage2), Path(stage1), Path(out)  # the stage passes its arguments' strings
     if controlnet is None:
         from posebooth.subject import load_stage2_controlnet
 

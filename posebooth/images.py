@@ -6,6 +6,7 @@ Source files are only ever opened for reading.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
 EXIF_ORIENTATION = 0x0112
+
+log = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
@@ -36,19 +39,37 @@ def list_images(folder: Path) -> list[Path]:
 
 def list_others(folder: Path) -> list[tuple[Path, str]]:
     """What else ``folder`` holds, with why it is not used: sub-folders, and files that are neither images
-    nor keypoint sidecars (``.json`` next to an image of the same name)."""
+    nor sidecars (keypoints ``.json`` or a caption ``.txt`` next to an image of the same name)."""
     out = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
         if p.is_dir():
             out.append((p, "a sub-folder: only images directly in the folder are used"))
-        elif p.suffix.lower() == ".json":
+        elif p.suffix.lower() in (".json", ".txt"):
             if not any(p.with_suffix(s).exists() or p.with_suffix(s.upper()).exists() for s in IMAGE_SUFFIXES):
-                out.append((p, "a .json file with no image of the same name (sidecars sit next to their photo)"))
+                what = "keypoint sidecars" if p.suffix.lower() == ".json" else "captions"
+                out.append((p, f"a {p.suffix} file with no image of the same name ({what} sit next to their photo)"))
         elif p.suffix.lower() not in IMAGE_SUFFIXES:
             out.append((p, f"not an image ({p.suffix or 'no extension'}); images are {sorted(IMAGE_SUFFIXES)}"))
     return out
+
+
+def read_caption(image_path: Path) -> str | None:
+    """The caption of a photo: ``<stem>.txt`` beside it (kohya's convention), UTF-8 (a BOM is allowed),
+    stripped; ``None`` without a file or for an empty one. Like kohya's sd-scripts, only the first (non-blank)
+    line is the caption (further lines are kohya's wildcard alternatives, which are not used here)."""
+    path = next((image_path.with_suffix(s) for s in (".txt", ".TXT") if image_path.with_suffix(s).is_file()), None)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: the caption is not UTF-8 text ({err}); save it as UTF-8") from err
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        log.warning("%s: %d lines; only the first is the caption (kohya's convention)", path, len(lines))
+    return lines[0] if lines else None
 
 
 def file_sha256(path: Path) -> str:

@@ -44,8 +44,16 @@ class Trainable:
     groups: list[dict]  # optimizer param groups, each with its own "lr"
     named: dict[str, torch.nn.Parameter]  # the same parameters by name, for checkpoints
     text_encoder_trains: bool  # prompts must go through the text encoder at every step
-    after_step: Callable[[], None] = field(default=lambda: None)  # after each optimizer step
+    restore_rows: Callable[[], None] = field(default=lambda: None)  # textual inversion: every other row back
     one_row: set[int] = field(default_factory=set)  # ids of embedding tables of which one row learns
+    ema: object = None  # diffusers' EMAModel over ``named`` (train.ema_decay, ``training.make_ema``), or None
+
+    def after_step(self) -> None:
+        """After each optimizer step: every other embedding row back (textual inversion), then the EMA's step,
+        on the weights as they are used (so its average of those rows stays exactly the original)."""
+        self.restore_rows()
+        if self.ema is not None:
+            self.ema.step(self.named.values())
 
     @property
     def params(self) -> list[torch.nn.Parameter]:

@@ -25,6 +25,7 @@ from posebooth.images import (
     orient_points,
     pad_box,
     pixel_hash,
+    read_caption,
 )
 from posebooth.poses import Pose, crop_scale_pose, load_pose, map_pose
 
@@ -86,7 +87,8 @@ def prepare_folder(
     crop: str = "centre",
     pad_color: tuple[int, int, int] = (0, 0, 0),
 ) -> tuple[list[Prepared], list[Skipped]]:
-    """Prepare every image in ``input_dir``; unusable ones are skipped with a reason naming the problem."""
+    """Prepare every image in ``input_dir``, with its caption (``<stem>.txt``) and keypoints (``<stem>.json``)
+    if it has them; unusable ones are skipped with a reason naming the problem."""
     folder = Path(input_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"prepare_images.input_dir: {folder} is not a folder; put the subject's photos there")
@@ -149,6 +151,7 @@ def prepare_folder(
             "face_box": face,
             "resolution": resolution,
             "keypoints": pose is not None,
+            "caption": read_caption(path),  # <stem>.txt beside the photo (kohya's convention), or None
         }
         kept.append(Prepared(name, path, crop_resize(loaded.image, box, resolution, tuple(pad_color)), pose, record))
     return kept, skipped

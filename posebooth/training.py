@@ -174,6 +174,22 @@ def make_lr_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int)
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
+def make_ema(params, decay: float):
+    """diffusers' ``EMAModel`` over ``params`` (a list, stepped and copied back in this order), or None when
+    ``decay`` (``ema_decay``) is 0.
+
+    diffusers' schedule without ``use_ema_warmup``, as its train_text_to_image.py runs it: the first optimizer
+    step copies the weights, step n (from 2) mixes with decay min(decay, n / (n + 9)). ``decay`` is thus a cap,
+    reached after about 9 / (1 - decay) steps (9,000 for 0.999): a short DreamBooth run is not pulled back
+    towards its first steps (a LoRA's first steps are nearly zero). The shadow weights live beside the weights,
+    on their device."""
+    if decay == 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(list(params), decay=decay, use_ema_warmup=False, foreach=True)
+
+
 def _without_gpu_figures_unless_nvml_loads() -> None:
     """dvclive (3.49) reads GPU figures whenever ``pynvml`` imports (it does wherever torch's CUDA wheels are
     installed), and one failing NVML call drops every figure of that sample, CPU and memory too: on a machine

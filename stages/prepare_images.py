@@ -1,7 +1,9 @@
 """prepare_images: the user's photos -> square training images with their keypoints.
 
-Reads:  params common.resolution, prepare_images.*; photos (and *.json sidecars) in prepare_images.input_dir.
-Writes: data/prepared/ (images/*.png, keypoints/*.json, manifest.json), metrics/prepare_images.json.
+Reads:  params common.resolution, prepare_images.*; photos (and their *.json keypoint and *.txt caption
+        sidecars) in prepare_images.input_dir.
+Writes: data/prepared/ (images/*.png, keypoints/*.json, manifest.json with each photo's caption),
+        metrics/prepare_images.json.
 Source files are only read, never modified.
 """
 
@@ -44,6 +46,7 @@ def main() -> None:
             "images": len(kept),
             "skipped": len(skipped),
             "with_keypoints": sum(k.pose is not None for k in kept),
+            "with_captions": sum(k.record["caption"] is not None for k in kept),
             "face_crops": sum(k.record["crop"].startswith("face") for k in kept),
         },
     )

@@ -3,7 +3,8 @@
 ``train.method`` chooses what learns (posebooth/methods.py): a UNet LoRA (optionally a text-encoder LoRA),
 the full UNet (optionally the text encoder), Custom Diffusion's cross-attention K/V, textual inversion,
 or momentum textual inversion on top of a DreamBooth LoRA (two phases).
-Reads:  params common.*, train.*; data/prepared (instance images), data/class_priors (class images).
+Reads:  params common.*, train.*; data/prepared (instance images and their captions), data/class_priors
+        (class images).
 Writes: models/stage1/ (what the method learned, in the formats stock diffusers loads; optionally the
         exports/ for AUTOMATIC1111/Forge and ComfyUI; provenance.json; README.md model card),
         metrics/train_stage1_appearance.json, plots/train_stage1_appearance/ (loss per step, and
@@ -37,7 +38,15 @@ from posebooth.models import (
     tokenize,
     weights_fingerprint,
 )
-from posebooth.prompts import choose_variants, instance_prompts, prompt_variants
+from posebooth.prompts import (
+    caption_dropout,
+    caption_prompts,
+    caption_rows,
+    choose_variants,
+    instance_prompts,
+    prompt_variants,
+    with_captions,
+)
 from posebooth.training import StepLog
 
 log = logging.getLogger("train_stage1_appearance")
@@ -102,7 +111,15 @@ def main() -> None:
     templates = instance_prompts(
         t.prompt_templates or [c.instance_prompt], c.identifier, c.class_noun, t.class_word_in_prompt
     )
-    variants = prompt_variants(templates, t.descriptive_words)
+    # Photos with a caption (photo.txt) also get train.caption_template with each template: after the variants.
+    captions = data.instance_captions(args.prepared, names)  # one per photo, or None
+    rows = caption_rows(captions)  # (N,) each photo's row of captioned prompts, -1 without a caption
+    captioned = caption_prompts(templates, [x for x in captions if x is not None], t.caption_template,
+                                c.identifier, c.class_noun, t.class_word_in_prompt)  # fmt: skip
+    variants = prompt_variants(templates, t.descriptive_words) + captioned
+    if captioned:
+        log.info("captions for %d of %d photos, e.g. %r; dropped with p=%.2f",
+                 int((rows >= 0).sum()), len(rows), captioned[0], t.caption_dropout)  # fmt: skip
     class_prompt = config.fill(c.class_prompt, c)
     log.info("method %s; instance prompts %s (%d variants), class prompt %r, %d instance (%d views) / %d class images",
              t.method, templates[:3], len(variants), class_prompt, n_images, n_views, len(class_pixels))  # fmt: skip
@@ -132,10 +149,12 @@ def main() -> None:
             steps = methods.phase_steps(phase, t)
             tr = methods.setup(phase, comp, t, c.identifier, c.class_noun)  # may add a token
             trainable_count += tr.learned_values
-            # Checkpoints hold weights and two Adam moments; the output, the adapter (or the whole pipeline).
+            # Checkpoints hold weights, two Adam moments (and the EMA); the output, the adapter (or the whole pipeline).
             weights = outputs.nbytes(tr.named.values())
             saved = outputs.nbytes(unet, text_encoder, comp.vae) if phase == "full" else weights
-            outputs.require_free_space({ckpt_root: 3 * weights, args.out: saved}, "train_stage1_appearance")
+            copies = 4 if t.ema_decay else 3
+            outputs.require_free_space({ckpt_root: copies * weights, args.out: saved}, "train_stage1_appearance")
+            tr.ema = ema = training.make_ema(tr.named.values(), t.ema_decay)  # (train.ema_decay: 0 = None)
             models = [unet, *comp.text_encoders] if tr.text_encoder_trains else [unet]
             accelerator, models, optimizer, lr_scheduler = training.prepare(
                 models, tr.groups, t, c.device, c.precision, steps, c.trackers, tracker_root
@@ -153,7 +172,7 @@ def main() -> None:
             first = 0
             if (ckpts[phase] / "state.json").exists():
                 first, _ = checkpoints.load(
-                    ckpts[phase], tr.named, optimizer, lr_scheduler, generator, accelerator.scaler
+                    ckpts[phase], tr.named, optimizer, lr_scheduler, generator, accelerator.scaler, ema
                 )
                 log.info("resuming %s from the checkpoint after step %d in %s", phase, first, ckpts[phase])
             validation = sd_pipeline(comp, "ddim")  # shares the modules being trained
@@ -161,10 +180,10 @@ def main() -> None:
                 model.train()
 
             def save_checkpoint(step, phase=phase, tr=tr, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                accelerator=accelerator):  # fmt: skip
+                                accelerator=accelerator, ema=ema):  # fmt: skip
                 training.on_main_process(accelerator, lambda: checkpoints.save(
                     ckpts[phase], step, tr.named, optimizer, lr_scheduler, generator, steplog.history,
-                    steplog.images_dir, accelerator.scaler,
+                    steplog.images_dir, accelerator.scaler, ema,
                 ))  # fmt: skip
 
             for step in tqdm(range(first, steps), desc=f"stage 1 {phase}", unit="step", initial=first, total=steps):
@@ -184,6 +203,9 @@ def main() -> None:
                         latents = posterior.sample(generator, shard.rank_world)  # (B, 4, h, w)
                         chosen = shard.take(choose_variants(b * shard.world, len(templates), len(t.descriptive_words),
                                                             t.descriptive_prob, generator), b)  # fmt: skip
+                        dropped = shard.take(caption_dropout(b * shard.world, t.caption_dropout, bool(captioned),
+                                                             generator), b)  # fmt: skip
+                        chosen = with_captions(chosen, rows[idx], dropped, len(templates), len(t.descriptive_words))
                         if with_prior:  # instance half first, then the class half: (2B, ...)
                             cidx = shard.indices(len(class_latents), b, generator)
                             latents = torch.cat([latents, class_latents[cidx].sample(generator, shard.rank_world)])
@@ -215,7 +237,7 @@ def main() -> None:
                             tr.params, optimizer, lr_scheduler, loss_map if use_loss_maps else None,
                         )  # fmt: skip
                         if accelerator.sync_gradients:
-                            tr.after_step()  # textual inversion: every other embedding row back
+                            tr.after_step()  # textual inversion: every other embedding row back; the EMA's step
                         totals += step_losses
                 totals = training.reduce_losses(accelerator, totals)  # the mean over processes
                 if accelerator.is_main_process and t.validation_every and (done + step + 1) % t.validation_every == 0:
@@ -232,6 +254,8 @@ def main() -> None:
                 training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, save_checkpoint, steps)
             for model in models:
                 model.eval()
+            if ema is not None:  # what is saved (and what momentum_ti's next phase trains on) is the EMA
+                ema.copy_to(tr.named.values())
             if phase != phases[-1]:  # a re-run after a stop in a later phase skips this one
                 save_checkpoint(steps)
             done += steps

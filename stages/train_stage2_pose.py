@@ -146,12 +146,13 @@ def main() -> None:
             [args.prepared, args.class_priors, args.poses, args.stage1],
         ),
     )
-    weights = outputs.nbytes(trainable.values())  # checkpoints: weights and two Adam moments
+    weights = outputs.nbytes(trainable.values())  # checkpoints: weights and two Adam moments (and the EMA)
     saved = outputs.nbytes(controlnet) if t.mode == "full" or base is not None else weights
-    outputs.require_free_space({ckpt: 3 * weights, args.out: saved}, "train_stage2_pose")
+    outputs.require_free_space({ckpt: (4 if t.ema_decay else 3) * weights, args.out: saved}, "train_stage2_pose")
+    ema = training.make_ema(trainable.values(), t.ema_decay)  # (train_pose.ema_decay: 0 = None)
     first, history = 0, []
     if (ckpt / "state.json").exists():
-        first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator, accelerator.scaler)
+        first, history = checkpoints.load(ckpt, trainable, optimizer, lr_scheduler, generator, accelerator.scaler, ema)
         log.info("resuming from the checkpoint after step %d in %s", first, ckpt)
     steplog = (
         StepLog(args.metrics, args.plots, history, monitor_system=c.monitor_system)
@@ -165,7 +166,8 @@ def main() -> None:
 
     def save_checkpoint(done: int) -> None:
         training.on_main_process(accelerator, lambda: checkpoints.save(
-            ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history, scaler=accelerator.scaler
+            ckpt, done, trainable, optimizer, lr_scheduler, generator, steplog.history, scaler=accelerator.scaler,
+            ema=ema,
         ))  # fmt: skip
 
     start = time.perf_counter()
@@ -215,9 +217,13 @@ def main() -> None:
                         accelerator, scheduler, model_pred, latents, noise, timesteps, with_prior, t,
                         params, optimizer, lr_scheduler,
                     )  # fmt: skip
+                    if ema is not None and accelerator.sync_gradients:
+                        ema.step(trainable.values())
                     totals += step_losses
             totals = training.reduce_losses(accelerator, totals)  # the mean over processes
             training.end_of_step(steplog, step, totals, grad_norm, lr_scheduler, t, save_checkpoint)
+        if ema is not None:  # what is saved and exported is the EMA
+            ema.copy_to(trainable.values())
         steplog.summary(steps=t.steps, pairs=len(names), class_pairs=len(class_names) if with_prior else 0)
 
         def write_outputs() -> None:

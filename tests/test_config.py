@@ -50,6 +50,8 @@ def test_repository_params_load(tmp_path, params):
         ("train_pose", "rank", -4, r"train_pose.rank: -4 is out of range; it must be >= 1"),
         ("train_pose", "steps", 0, r"train_pose.steps: 0 is out of range"),
         ("train_pose", "lr", -0.1, r"train_pose.lr: -0.1 is out of range; it must be > 0"),
+        ("train_pose", "ema_decay", 1.0, r"train_pose.ema_decay: 1.0 would never move the average; use 0 \(off\)"),
+        ("train", "ema_decay", -0.1, r"train.ema_decay: -0.1 is out of range; it must be >= 0"),
         ("generate_class_priors", "scheduler", "magic", r"generate_class_priors.scheduler: 'magic' is not allowed"),
         ("common", "deterministic", "yes", r"common.deterministic: expected bool, got str 'yes'"),
     ],

@@ -429,3 +429,7 @@ def test_export_command_writes_every_export_from_the_trained_folders(tmp_path, c
                      "sks_teddy-bear_lora_pose.safetensors"]  # fmt: skip
     assert capsys.readouterr().out.count(".safetensors") == 3
     assert any(k.startswith("lora_te_") for k in load_file(str(tmp_path / "exports" / names[2])))
+    # train_stage2_pose passes its command-line strings, not paths (the first slow-tier run stopped on that).
+    stage1, stage2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
+    again = exports.write_stage2(stage2, stage1, str(tmp_path / "again"), exports.subject_of(stage1), dict(unet.config))
+    assert sorted(p.name for p in again) == names[1:]

@@ -30,6 +30,9 @@ from tests.workspace import OUTPUTS, STAGES, clone, digests, leftovers, run_stag
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("reference")]
 
+# dvclive writes the training stages' plots folders as training runs (issue 18), so a stop leaves them partial.
+LIVE = {"plots/train_stage1_appearance", "plots/train_stage2_pose"}
+
 KILLS = [  # (stage, failpoint, exit code, log line the re-run must print)
     ("prepare_images", "before-rename:prepared=TERM", 128 + signal.SIGTERM, None),
     ("prepare_images", "after-rename:prepared", -signal.SIGKILL, None),
@@ -58,6 +61,14 @@ def test_every_stage_stopped_then_rerun_ends_as_an_uninterrupted_run(reference_r
             assert stopped.returncode == code, f"{point}: exit {stopped.returncode}\n{stopped.stderr[-3000:]}"
             for path in OUTPUTS[stage]:  # absent, or complete (the same as the uninterrupted run's)
                 now = digests(ws, [path])
+                if path in LIVE:  # the curve so far: each file the start of the uninterrupted run's, images equal
+                    for k in now:
+                        if k.endswith(".tsv"):
+                            so_far, whole = (ws / k).read_text(), (reference_run.ws / k).read_text()
+                            assert whole.startswith(so_far), f"{point}: {k} is not the uninterrupted curve's start"
+                        elif k.endswith(".png"):
+                            assert now[k] == expected[k], f"{point}: {k} differs"
+                    continue
                 assert all(now[k] == expected[k] for k in now), f"{point}: {path} is half-written"
             if code != -signal.SIGKILL:  # SIGINT and SIGTERM unwind: their temporary files are gone at once
                 assert not leftovers(ws), f"{point}: {leftovers(ws)}"

@@ -135,7 +135,7 @@ def test_every_metric_key(repo):
     root = repo.ws
     m = {s: json.loads((root / f"metrics/{s}.json").read_text()) for s in
          ("prepare_images", "extract_poses", "train_stage1_appearance", "train_stage2_pose", "evaluate")}  # fmt: skip
-    assert m["prepare_images"] == {"images": 6, "skipped": 0, "with_keypoints": 6, "face_crops": 0}
+    assert m["prepare_images"] == {"images": 6, "skipped": 0, "with_keypoints": 6, "with_captions": 0, "face_crops": 0}
     assert m["extract_poses"] == {"images": 6, "with_pose": 6, "left_out": 0, "class_images": 4, "class_with_pose": 0}
     for key in ("loss", "instance_loss", "prior_loss", "grad_norm", "step", "steps", "trainable_params"):
         assert key in m["train_stage1_appearance"], key
