@@ -115,8 +115,7 @@ def _detect_pose(image_path: Path, cfg: config.Config, detector: str | None):
     """The pose that ``detector`` (default: extract_poses.detector) reads in a photo."""
     from dataclasses import replace
 
-    from PIL import Image
-
+    from posebooth import poses
     from posebooth.detectors import make_detector
 
     e = replace(cfg.extract_poses, detector=detector or cfg.extract_poses.detector)
@@ -125,15 +124,7 @@ def _detect_pose(image_path: Path, cfg: config.Config, detector: str | None):
             f"{image_path}: reading a pose from a photo needs --detector openpose, dwpose or world (posebooth pose), "
             "or extract_poses.detector set to one of them; `posebooth generate --pose-map` takes a drawn pose map"
         )
-    try:
-        with Image.open(image_path) as im:
-            image = im.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"{image_path}: cannot be read as an image ({err})") from err
-    pose = make_detector(e.detector, e, cfg.common.device).detect(image)
-    if pose is None:
-        raise ValueError(f"{image_path}: the {e.detector} detector found no pose in it")
-    return pose
+    return poses.pose_from_image(image_path, make_detector(e.detector, e, cfg.common.device).detect, "the pose photo")
 
 
 def _pose(args: argparse.Namespace) -> None:

@@ -266,11 +266,13 @@ def scale_pose(pose: Pose, factor: float) -> Pose:
     return map_pose(pose, lambda p: (p - centre) * factor + centre, pose.width, pose.height)
 
 
-def crop_scale_pose(pose: Pose, box: tuple[int, int, int, int], size: int) -> Pose:
-    """Follow a crop to ``box`` (left, top, right, bottom) and a resize to ``size`` x ``size``."""
+def crop_scale_pose(pose: Pose, box: tuple[int, int, int, int], size: int | tuple[int, int]) -> Pose:
+    """Follow a crop to ``box`` (left, top, right, bottom) and a resize to ``size`` (an int: a square; or
+    (width, height), e.g. an aspect-ratio bucket)."""
+    width, height = (size, size) if isinstance(size, int) else size
     left, top, right, bottom = box
-    sx, sy = size / (right - left), size / (bottom - top)
-    return map_pose(pose, lambda xy: (xy - [left, top]) * [sx, sy], size, size)
+    sx, sy = width / (right - left), height / (bottom - top)
+    return map_pose(pose, lambda xy: (xy - [left, top]) * [sx, sy], width, height)
 
 
 def fit_square(pose: Pose, size: int) -> Pose:
@@ -422,7 +424,7 @@ def load_target_poses(entries: list[str], folder: str | Path, detect=None) -> di
         if name in poses:
             raise PoseError(f"sample.poses: two poses are named {name!r}; give the files distinct names")
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            pose = _pose_from_image(path, detect)
+            pose = pose_from_image(path, detect)
         else:
             pose = load_pose(path)
         if mirror:
@@ -431,18 +433,20 @@ def load_target_poses(entries: list[str], folder: str | Path, detect=None) -> di
     return poses
 
 
-def _pose_from_image(path: Path, detect) -> Pose:
+def pose_from_image(path: Path, detect, key: str = "sample.poses") -> Pose:
+    """The pose ``detect`` (PIL image -> Pose or None) reads in the photo at ``path``; ``detect`` None (the
+    sidecar detector) and unreadable or pose-less photos raise PoseError naming ``key`` and the file."""
     if detect is None:
         raise PoseError(
-            f"sample.poses: {path} is an image; reading its pose needs extract_poses.detector openpose or dwpose "
+            f"{key}: {path} is an image; reading its pose needs extract_poses.detector openpose, dwpose or world "
             "(the sidecar detector only has your annotations): switch the detector or write its keypoints"
         )
     try:
         with Image.open(path) as im:
             image = im.convert("RGB")
     except OSError as err:
-        raise PoseError(f"sample.poses: {path}: cannot be read as an image ({err})") from err
+        raise PoseError(f"{key}: {path}: cannot be read as an image ({err})") from err
     pose = detect(image)
     if pose is None:
-        raise PoseError(f"sample.poses: {path}: the detector found no pose in it; use another reference image")
+        raise PoseError(f"{key}: {path}: the detector found no pose in it; use another reference image")
     return pose

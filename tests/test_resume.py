@@ -44,8 +44,9 @@ def test_sigkilled_training_resumes_to_identical_weights(tmp_path, monkeypatch, 
     params["common"]["seed"] = 31337
     # 12 optimizer steps (of 2 accumulated batches each), a checkpoint after steps 4 and 8, validation images after
     # steps 4, 8 and 12; momentum TI: 4 LoRA steps (no checkpoint: the last step has none), then 12 momentum steps.
+    # ema_decay: the EMA of the weights is saved, so it must be checkpointed and resumed too.
     params["train"].update(steps=12, checkpoint_every=4, gradient_accumulation_steps=2, flip_prob=0.5,
-                           validation_every=4, validation_steps=2, method=method)  # fmt: skip
+                           validation_every=4, validation_steps=2, method=method, ema_decay=0.9)  # fmt: skip
     if method == "momentum_ti":
         params["train"].update(steps=4, ti_steps=12)
     last_phase = "momentum" if method == "momentum_ti" else "lora"
