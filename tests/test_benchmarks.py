@@ -66,3 +66,40 @@ def test_gpu_check_dry_run_passes_every_check(tiny_sd):
     assert list(results) == names, proc.stdout + proc.stderr[-3000:]
     assert set(results.values()) == {"passed"} and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "STAND-IN for train_dreambooth_lora.py" in proc.stdout  # the stand-in is labelled as one
+
+
+def test_world_ceiling_scores_photos_and_their_round_trip(tmp_path):
+    """The world's identity ceiling: its photos pass the calibrated threshold, and the VAE round trip scores lower
+    (a leave-one-out that kept the photo itself among the references would score the clean photos 1.0 more often
+    and the round trip near them)."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for path in sorted((ROOT / "data" / "subject").glob("*.[jp][pn]g")):
+        with Image.open(path) as im:
+            side = min(im.size)
+            box = ((im.width - side) // 2, (im.height - side) // 2)
+            im.convert("RGB").crop((*box, box[0] + side, box[1] + side)).resize((64, 64)).save(
+                tmp_path / "images" / f"{path.stem}.png"
+            )
+    out = _run("benchmarks/world_ceiling.py", "--prepared", str(tmp_path))
+    rows = {line[:28].strip(): line[28:].split() for line in out.splitlines()[2:]}
+    photos, trip = rows["the photos themselves"], rows["their VAE round trip"]
+    assert photos[0] == trip[0] == "6"
+    assert float(photos[4]) == 1.0 and 0.8 < float(photos[1]) < 0.99  # verified; mean score of a true leave-one-out
+    assert float(trip[1]) < float(photos[1]) - 0.03
+
+
+def test_world_ceiling_leaves_each_photo_out_of_its_references():
+    """Orthogonal embeddings: each is unlike every other, so its leave-one-out score is 0 (1/n if it met itself)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("world_ceiling", ROOT / "benchmarks" / "world_ceiling.py")
+    ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling)
+    basis = torch.eye(4)
+    assert torch.allclose(ceiling.leave_one_out(basis, basis), torch.zeros(4))
+    near = basis + 0.5 * torch.roll(basis, 1, dims=0)  # query i leans towards reference i - 1 only
+    assert torch.allclose(ceiling.leave_one_out(near, basis), torch.full((4,), (1 / 5**0.5) / 3))
