@@ -42,7 +42,7 @@ def _generate(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{folder}: no trained adapters; run `dvc repro` (or `make repro`) first")
     prompt = config.fill(args.prompt, c)
     comp = load_components(
-        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae
+        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae, c.model_config
     )  # full: stage 1's own
     extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
     lora_scale = s.subject_lora_scale if args.lora_scale is None else args.lora_scale

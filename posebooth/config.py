@@ -40,16 +40,19 @@ def _prob():
 
 
 METHODS = ("lora", "full", "custom_diffusion", "textual_inversion", "momentum_ti")
+ADAPTERS = ("lora", "dora", "loha", "lokr")  # train.adapter: PEFT adapters of method lora (posebooth/lora.py)
 SCHEDULERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "dpm++")
 OPTIMIZERS = ("adamw", "adamw_8bit", "prodigy", "adafactor")
 TRACKERS = ("tensorboard", "wandb")
+LATENT_DOWNSAMPLING = 8  # pixels per latent cell: the VAE of SD 1.5, SDXL and the embedded models
 
 
 @dataclass(frozen=True)
 class Common:
     """Values several stages share."""
 
-    model: str  # "embedded:tiny-sd15", "embedded:tiny-sdxl", a hub id, or a local diffusers folder (SD 1.5 or SDXL)
+    model: str  # "embedded:tiny-sd15", "embedded:tiny-sdxl", a hub id, a local diffusers folder, or a checkpoint file
+    model_config: str  # model is a file: "" = the shipped SD 1.5 / SDXL configs its keys choose, or a diffusers folder
     vae: str  # "" (the model's own), or a VAE to use instead: hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix
     resolution: int = _rng(16, 4096)
     identifier: str
@@ -72,6 +75,9 @@ class PrepareImages:
     min_source_size: int = _rng(1)
     crop: Literal["centre", "face", "pad"]  # face: square centred on the largest face (centre if none)
     pad_color: list[int]  # RGB of the padding with crop: pad
+    buckets: bool  # aspect-ratio buckets of area common.resolution² instead of squares (posebooth/buckets.py)
+    bucket_step: int = _rng(8)  # buckets' sides are multiples of this (of the VAE's 8x downsampling)
+    bucket_max_aspect: float = _rng(1.0)  # longest bucket side / shortest
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class Train(Optimisation):
     face_loss_weight: float = _nonneg()  # extra loss weight inside the detected face box; 0 = off
     random_crops: int = _nonneg()  # random crops cached per photo (zoom augmentation); 0 = off
     random_crop_scale: float = _rng(0.1, 1.0)  # smallest crop side, as a fraction of the image side
+    adapter: Literal[ADAPTERS]  # lora, dora, loha or lokr (method lora, momentum_ti's DreamBooth phase)
     rank: int = _rng(1)
     alpha: float = _positive()
     target_modules: list[str]
@@ -346,12 +353,23 @@ def _cross_checks(cfg: Config) -> None:
             )
         _check_template("common.instance_prompt", c.instance_prompt)
         _check_template("common.class_prompt", c.class_prompt)
+        _check_model_file(c.model, c.model_config)
         if len(set(c.trackers)) < len(c.trackers):
             raise ConfigError(f"common.trackers: {c.trackers} names a tracker twice; list each once")
     if cfg.prepare_images is not None:
         color = cfg.prepare_images.pad_color
         if len(color) != 3 or not all(0 <= v <= 255 for v in color):
             raise ConfigError(f"prepare_images.pad_color: {color!r} must be three integers in [0, 255] (R, G, B)")
+        step = cfg.prepare_images.bucket_step
+        if step % LATENT_DOWNSAMPLING:
+            raise ConfigError(
+                f"prepare_images.bucket_step: {step} must be a multiple of {LATENT_DOWNSAMPLING} (the VAE's "
+                "downsampling in SD 1.5 and SDXL: a bucket's sides must map to whole latent cells); 64 is usual"
+            )
+        if c is not None and cfg.prepare_images.buckets and step > c.resolution:
+            raise ConfigError(
+                f"prepare_images.bucket_step: {step} is above common.resolution ({c.resolution}): no bucket fits"
+            )
     if cfg.sample is not None and cfg.common is not None and cfg.sample.cpu_offload and cfg.common.device != "cuda":
         raise ConfigError("sample.cpu_offload: needs common.device: cuda (it moves models between GPU and CPU)")
     if cfg.train is not None:
@@ -404,11 +422,30 @@ def _cross_checks(cfg: Config) -> None:
             )
 
 
+# Suffixes of a single-file common.model (posebooth/single_file.py reads them; tests/test_single_file.py checks)
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _check_model_file(model: str, model_config: str) -> None:
+    """common.model_config only applies to a single-file common.model (what the file holds is checked when it
+    is loaded: posebooth/single_file.py)."""
+    if model_config and Path(model).suffix.lower() not in MODEL_FILE_SUFFIXES:
+        raise ConfigError(
+            f"common.model_config: {model_config!r} is for a single-file common.model (.safetensors); "
+            f'{model!r} brings its own configs: set common.model_config: ""'
+        )
+
+
 def _check_method(t: Train) -> None:
     """Options that only mean something for some methods must not be set for others (silently ignored
     options are how a run ends up training something else than its author thought)."""
     if t.train_text_encoder and t.method not in ("lora", "full"):
         raise ConfigError(f"train.train_text_encoder: true is for method lora or full, not {t.method}")
+    if t.adapter != "lora" and t.method not in ("lora", "momentum_ti"):
+        raise ConfigError(
+            f"train.adapter: {t.adapter} is for method lora or momentum_ti (their LoRA), not {t.method}; "
+            "set train.adapter: lora"
+        )
     if t.train_token_embedding and t.method != "custom_diffusion":
         raise ConfigError(
             f"train.train_token_embedding: true is for method custom_diffusion, not {t.method} "

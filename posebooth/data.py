@@ -8,27 +8,51 @@ import numpy as np
 import torch
 from PIL import Image
 
+from posebooth import buckets
 from posebooth.images import to_tensor
 from posebooth.outputs import read_json
 
 
-def _read_rgb(path: Path, resolution: int) -> Image.Image:
+def _read_rgb(path: Path, size: int | tuple[int, int]) -> Image.Image:
+    """The RGB image at ``path``, which must be ``size`` (an int: a square; or (width, height)) big."""
+    width, height = (size, size) if isinstance(size, int) else size
     with Image.open(path) as im:
         image = im.convert("RGB")
-    if image.size != (resolution, resolution):
-        raise ValueError(
-            f"{path}: is {image.size[0]}x{image.size[1]}, expected {resolution}x{resolution}; re-run dvc repro"
-        )
+    if image.size != (width, height):
+        raise ValueError(f"{path}: is {image.size[0]}x{image.size[1]}, expected {width}x{height}; re-run dvc repro")
     return image
 
 
-def instance_images(prepared: str | Path, resolution: int) -> tuple[list[str], torch.Tensor]:
-    """Names and pixels (N, 3, R, R) in [-1, 1] of the prepared instance images."""
+def instance_sizes(prepared: str | Path, resolution: int) -> tuple[list[str], list[tuple[int, int]]]:
+    """Names and sizes (width, height) of the prepared instance images: the bucket each was prepared for
+    (``resolution`` square in a manifest from before buckets)."""
     prepared = Path(prepared)
-    names = [r["name"] for r in read_json(prepared / "manifest.json")["images"]]
-    if not names:
+    records = read_json(prepared / "manifest.json")["images"]
+    if not records:
         raise ValueError(f"{prepared}: no prepared images; check the prepare_images stage")
-    return names, torch.stack([to_tensor(_read_rgb(prepared / "images" / f"{n}.png", resolution)) for n in names])
+    return [r["name"] for r in records], [tuple(r.get("bucket", (resolution, resolution))) for r in records]
+
+
+def instance_images(prepared: str | Path, resolution: int) -> tuple[list[str], torch.Tensor]:
+    """Names and pixels (N, 3, R, R) in [-1, 1] of the prepared instance images; images prepared in
+    aspect-ratio buckets are centre-cropped and resized to R x R (as references for the metrics)."""
+    names, sizes = instance_sizes(prepared, resolution)
+    pixels = [
+        to_tensor(_read_rgb(Path(prepared) / "images" / f"{n}.png", s)) for n, s in zip(names, sizes, strict=True)
+    ]
+    return names, torch.stack([buckets.fit_pixels(p[None], (resolution, resolution))[0] for p in pixels])
+
+
+def instance_buckets(prepared: str | Path, resolution: int) -> tuple[list[str], list[buckets.Bucket], list]:
+    """Names of the prepared instance images, the images grouped by bucket (``buckets.group``: one group
+    without buckets, all photos in order) and each group's pixels (n, 3, h, w) in [-1, 1]."""
+    names, sizes = instance_sizes(prepared, resolution)
+    groups = buckets.group(sizes)
+    pixels = [
+        torch.stack([to_tensor(_read_rgb(Path(prepared) / "images" / f"{names[i]}.png", g.size)) for i in g.index])
+        for g in groups
+    ]
+    return names, groups, pixels
 
 
 def instance_captions(prepared: str | Path, names: list[str]) -> list[str | None]:
@@ -41,7 +65,9 @@ def instance_captions(prepared: str | Path, names: list[str]) -> list[str | None
 def time_ids(prepared: str | Path, names: list[str], resolution: int) -> torch.Tensor:
     """SDXL's time ids (N, 6) of the prepared images ``names`` as they are: (original height, width, crop top,
     left, target height, width), from what prepare_images recorded of each photo."""
-    return view_time_ids(prepared, names, resolution, [[(0, 0, resolution)]] * len(names))[:, 0, 0]
+    records = {r["name"]: r for r in read_json(Path(prepared) / "manifest.json")["images"]}
+    widths = [records[n].get("bucket", (resolution, resolution))[0] for n in names]
+    return view_time_ids(prepared, names, resolution, [[(0, 0, w)] for w in widths])[:, 0, 0]
 
 
 def view_time_ids(
@@ -49,10 +75,11 @@ def view_time_ids(
 ) -> torch.Tensor:
     """SDXL's time ids (N, K, 2, 6) of each training view of each prepared image, as it is and mirrored.
 
-    A view is a window (x, y, side) of the prepared square, resized to ``resolution``: in the photo resized
-    to match, the crop's top-left moves by the window's offset and everything scales by resolution / side.
-    A mirrored view's crop is measured in the mirrored photo, as SDXL's training scripts flip before they
-    crop: left = (resized photo width) - left - resolution.
+    A view is a window (x, y, width) of the prepared image (``resolution`` square, or its bucket's size
+    (w, h)), of the image's aspect, resized to the image's size: in the photo resized to match, the crop's
+    top-left moves by the window's offset and everything scales by w / width. A mirrored view's crop is
+    measured in the mirrored photo, as SDXL's training scripts flip before they crop: left = (resized photo
+    width) - left - w. The target size is the image's (h, w).
     """
     records = {r["name"]: r for r in read_json(Path(prepared) / "manifest.json")["images"]}
     out = torch.zeros(len(names), len(windows[0]), 2, 6)
@@ -62,13 +89,14 @@ def view_time_ids(
             raise ValueError(f"{prepared}/manifest.json: {name} has no original_size; re-run prepare_images")
         (height, width), (top, left) = record["original_size"], record["crop_top_left"]
         box = record["crop_box"]
-        photo_width = width * resolution / (box[2] - box[0])  # the photo resized so that the crop is R wide
+        target_w, target_h = record.get("bucket", (resolution, resolution))
+        photo_width = width * target_w / (box[2] - box[0])  # the photo resized so that the crop is w wide
         for k, (x, y, side) in enumerate(windows[i]):
-            zoom = resolution / side
+            zoom = target_w / side
             view_top, view_left = (top + y) * zoom, (left + x) * zoom
-            mirrored_left = max(0.0, photo_width * zoom - view_left - resolution)
+            mirrored_left = max(0.0, photo_width * zoom - view_left - target_w)
             for f, crop_left in enumerate((view_left, mirrored_left)):
-                out[i, k, f] = torch.tensor([height, width, round(view_top), round(crop_left), resolution, resolution])
+                out[i, k, f] = torch.tensor([height, width, round(view_top), round(crop_left), target_h, target_w])
     return out
 
 
@@ -107,3 +135,22 @@ def pose_pairs(
     images = torch.stack([to_tensor(_read_rgb(folder / f"{n}.png", resolution)) for n in names])
     maps = torch.stack([pose_map_tensor(_read_rgb(poses / "maps" / f"{n}.png", resolution)) for n in names])
     return names, images, maps
+
+
+def pose_pair_buckets(
+    poses: str | Path, prepared: str | Path, resolution: int
+) -> tuple[list[str], list[buckets.Bucket], list[torch.Tensor]]:
+    """The instance images with a usable pose, grouped by bucket (``buckets.group``: one group without buckets),
+    with each group's pose maps in ``conds``. Returns (names, groups, pixels (n, 3, h, w) in [-1, 1] per group);
+    a group's ``conds`` are (n, 3, h, w) in [0, 1]."""
+    poses, prepared = Path(poses), Path(prepared)
+    names = [r["name"] for r in read_json(poses / "report.json")["images"] if r["used"] and r["kind"] == "instance"]
+    records = {r["name"]: r for r in read_json(prepared / "manifest.json")["images"]}
+    groups = buckets.group([tuple(records[n].get("bucket", (resolution, resolution))) for n in names])
+    pixels = []
+    for g in groups:
+        pixels.append(
+            torch.stack([to_tensor(_read_rgb(prepared / "images" / f"{names[i]}.png", g.size)) for i in g.index])
+        )
+        g.conds = torch.stack([pose_map_tensor(_read_rgb(poses / "maps" / f"{names[i]}.png", g.size)) for i in g.index])
+    return names, groups, pixels

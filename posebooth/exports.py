@@ -7,7 +7,8 @@ UIs read other layouts, written here into an ``exports/`` folder (``write_stage1
 - LoRA → kohya's layout (``lora_unet_…``, ``lora_te_…`` / ``lora_te1_…``, ``lora_te2_…``; ``lora_down``,
   ``lora_up`` and the trained ``alpha`` per module), with kohya's ``ss_*`` and Stability's ``modelspec.*``
   metadata. SD 1.5 keeps diffusers' block names after the prefix (kohya's own SD 1.5 LoRAs do), SDXL uses the
-  original (SGM) block names (``input_blocks.4.1…``), as kohya's SDXL LoRAs do.
+  original (SGM) block names (``input_blocks.4.1…``), as kohya's SDXL LoRAs do. DoRA, LoHa and LoKr
+  (``train.adapter``) → LyCORIS's keys under the same module names (``kohya_lora``).
 - ``full`` → one SD 1.5 checkpoint in the original (LDM) layout, fp16.
 - ControlNet (full, or its LoRA fused into its base) → one fp16 file in the original layout
   (``control_model.…``), which sd-webui-controlnet, ComfyUI and diffusers' ``from_single_file`` read.
@@ -186,11 +187,24 @@ def modelspec(s: Subject, kind: str, title: str, implementation: str) -> dict[st
     }
 
 
-def lora_metadata(s: Subject, rank: int, alpha: float, title: str) -> dict[str, str]:
-    """kohya's ``ss_*`` entries (sd-scripts ``train_network.py``) and the modelspec ones, for a LoRA."""
+# LyCORIS's network args (``lycoris/kohya.py`` ``create_network``) as sd-scripts records them in ``ss_network_args``
+LYCORIS_ARGS = {
+    "dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"},
+    "loha": {"algo": "loha"},
+    "lokr": {"algo": "lokr"},
+}
+
+
+def lora_metadata(s: Subject, rank: int, alpha: float, title: str, kind: str = "lora") -> dict[str, str]:
+    """kohya's ``ss_*`` entries (sd-scripts ``train_network.py``) and the modelspec ones, for a LoRA; a DoRA,
+    LoHa or LoKr is a LyCORIS network (``ss_network_module: lycoris.kohya`` and its ``algo`` in
+    ``ss_network_args``), as sd-scripts writes one trained with ``--network_module lycoris.kohya``."""
+    network = {"ss_network_module": "networks.lora"}
+    if kind != "lora":
+        network = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(LYCORIS_ARGS[kind])}
     return {
         "ss_base_model_version": "sdxl_base_v1-0" if s.xl else "sd_v1",
-        "ss_network_module": "networks.lora",
+        **network,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
         "ss_output_name": title,
@@ -226,9 +240,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
 # ---------------------------------------------------------------------------------------------------------
 # LoRA: diffusers → kohya
 
+# A saved adapter weight: diffusers' LoRA keys (``lora.down``, ``lora_linear_layer.up``, PEFT's ``lora_A``; DoRA's
+# ``lora_magnitude_vector``) and PEFT's LoHa / LoKr ones (``hada_w1_a``, ``lokr_w1``, ``lokr_w2_b`` ...)
 _LORA_KEY = re.compile(
     r"^(?P<part>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\."
-    r"(?:lora\.(?P<a>down|up)|lora_linear_layer\.(?P<b>down|up)|lora_(?P<c>A|B))\.weight$"
+    r"(?:(?:lora\.(?P<a>down|up)|lora_linear_layer\.(?P<b>down|up)|lora_(?P<c>A|B))\.weight"
+    r"|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?|(?P<lycoris>hada_w[12]_[ab]|lokr_w[12](?:_[ab])?))$"
 )
 
 
@@ -255,26 +272,92 @@ def lora_config(path: Path) -> dict[str, dict]:
     return parts
 
 
+def adapter_kind(cfg: dict) -> str:
+    """``lora``, ``dora``, ``loha`` or ``lokr``: a part's saved adapter config (diffusers' LoRA metadata or
+    PEFT's ``adapter_config.json``)."""
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type in ("LOHA", "LOKR"):
+        return peft_type.lower()
+    return "dora" if cfg.get("use_dora") else "lora"
+
+
+def _alpha_and_rank(part: str, cfg: dict) -> tuple[float, int]:
+    if cfg.get("alpha_pattern") or cfg.get("rank_pattern") or cfg.get("use_rslora"):
+        raise ValueError(f"{part}: an adapter with per-module alphas or ranks, or rsLoRA, has no kohya export here")
+    alpha = cfg.get("lora_alpha", cfg.get("alpha"))
+    if alpha is None or "r" not in cfg:
+        raise ValueError(f"{part}: the adapter's saved config has no alpha or r; save it with save_unet_lora")
+    return float(alpha), int(cfg["r"])
+
+
 def kohya_lora(state: dict[str, torch.Tensor], config: dict[str, dict], unet_config: dict, xl: bool) -> dict:
-    """A diffusers LoRA state dict (``unet.…lora.down.weight``, ``text_encoder.…lora_linear_layer.up.weight``,
-    PEFT's ``lora_A``/``lora_B``) in kohya's layout, each part converted on its own, the ``.alpha`` of every
-    module that part's trained ``lora_alpha`` (``config``: per part, as ``lora_config`` reads it)."""
-    out: dict[str, torch.Tensor] = {}
+    """A saved adapter's state dict in kohya's (LoRA) or LyCORIS's (DoRA, LoHa, LoKr) layout, each part
+    converted on its own (``config``: per part, its saved adapter config, as ``read_adapter`` gives it).
+
+    - LoRA (``unet.…lora.down.weight``, ``text_encoder.…lora_linear_layer.up.weight``, PEFT's ``lora_A``/``lora_B``):
+      ``lora_down.weight``, ``lora_up.weight`` and the trained ``alpha`` (the UIs scale by alpha / rank).
+    - DoRA: the same, plus ``dora_scale`` (out, 1): PEFT's magnitude, the norm of each output row of
+      W + (α/r)·B·A, which is LyCORIS's ``wd_on_output`` orientation (ComfyUI tells it by its shape).
+    - LoHa: ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in), ``hada_w2_a``, ``hada_w2_b`` and ``alpha``: the same
+      tensors and scale (α / r) in PEFT (``tuners/loha/layer.py``) and in the UIs (ComfyUI
+      ``weight_adapter/loha.py``, A1111 ``network_hada.py``).
+    - LoKr: ``lokr_w1`` (or ``lokr_w1_a``/``_b``), ``lokr_w2`` (or ``lokr_w2_a``/``_b``) and ``alpha``. The UIs
+      scale by α / r only when a factor is decomposed (ComfyUI ``weight_adapter/lokr.py``: 1 otherwise), PEFT
+      always: with both factors full, PEFT's α / r goes into ``lokr_w2`` (and ``alpha`` is r, LyCORIS's
+      value for "no scale").
+    """
+    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, weight in state.items():
         m = _LORA_KEY.match(key)
         if not m:
-            raise ValueError(f"{key}: not a LoRA key of the UNet or a text encoder (the kohya export is for LoRA)")
-        part = m["part"]
+            raise ValueError(f"{key}: not an adapter key of the UNet or a text encoder (the kohya export is for LoRA)")
+        if m["magnitude"]:
+            param = "magnitude"
+        elif m["lycoris"]:
+            param = m["lycoris"]
+        else:
+            param = "down" if (m["a"] or m["b"] or {"A": "down", "B": "up"}[m["c"]]) == "down" else "up"
+        modules.setdefault((m["part"], m["module"]), {})[param] = weight
+    out: dict[str, torch.Tensor] = {}
+    for (part, module), w in modules.items():
         cfg = config.get(part, {})
-        if cfg.get("alpha_pattern") or cfg.get("rank_pattern") or cfg.get("use_dora") or cfg.get("use_rslora"):
-            raise ValueError(f"{part}: a LoRA with per-module alphas or ranks, DoRA or rsLoRA has no kohya export here")
-        if "lora_alpha" not in cfg:
-            raise ValueError(f"{part}: the LoRA file's metadata has no lora_alpha; save it with save_unet_lora")
-        name = kohya_module_name(part, m["module"], unet_config, xl)
-        down = (m["a"] or m["b"] or {"A": "down", "B": "up"}[m["c"] or "A"]) == "down"
-        out[f"{name}.lora_{'down' if down else 'up'}.weight"] = weight
-        out[f"{name}.alpha"] = torch.tensor(float(cfg["lora_alpha"]))
+        kind = adapter_kind(cfg)
+        alpha, rank = _alpha_and_rank(part, cfg)
+        name = kohya_module_name(part, module, unet_config, xl)
+        if kind in ("lora", "dora"):
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = w["down"], w["up"]
+            if kind == "dora":
+                out[f"{name}.dora_scale"] = w["magnitude"].reshape(-1, 1)  # (out,) → (out, 1)
+        elif kind == "loha":
+            out |= {f"{name}.{k}": w[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+        else:  # lokr
+            out |= {f"{name}.{k}": v for k, v in w.items()}
+            if "lokr_w1" in w and "lokr_w2" in w:  # no factor decomposed: the UIs do not scale, so PEFT's α / r here
+                out[f"{name}.lokr_w2"] = w["lokr_w2"] * (alpha / rank)
+                alpha = float(rank)
+        out[f"{name}.alpha"] = torch.tensor(alpha)
     return out
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """``(state, config)`` of the adapter stage 1 (or stage 2's ``unet_lora/``) saved in ``folder``: diffusers'
+    LoRA file (LoRA, DoRA), or PEFT's ``peft/<part>/`` folders (LoHa, LoKr; keys become ``<part>.<module>…``)."""
+    from safetensors.torch import load_file
+
+    from posebooth.lora import LORA_FILE, PEFT_CONFIG, PEFT_DIR, PEFT_WEIGHTS
+
+    folder = Path(folder)
+    if (folder / LORA_FILE).exists():
+        return load_file(str(folder / LORA_FILE)), lora_config(folder / LORA_FILE)
+    state, config = {}, {}
+    for sub in sorted((folder / PEFT_DIR).glob("*")):
+        if (sub / PEFT_CONFIG).exists():
+            config[sub.name] = json.loads((sub / PEFT_CONFIG).read_text())
+            weights = load_file(str(sub / PEFT_WEIGHTS))
+            state |= {f"{sub.name}.{k.removeprefix('base_model.model.')}": v for k, v in weights.items()}
+    if not config:
+        raise FileNotFoundError(f"{folder}: neither {LORA_FILE} nor {PEFT_DIR}/; run train_stage1_appearance first")
+    return state, config
 
 
 def export_kohya(
@@ -284,30 +367,42 @@ def export_kohya(
     subject: Subject,
     text_encoders_from: Path | None = None,
 ) -> Path:
-    """Write the diffusers LoRA file ``diffusers_file`` in kohya's layout, which AUTOMATIC1111/Forge and ComfyUI
-    read, with its metadata. ``text_encoders_from``: another diffusers LoRA file whose text-encoder parts
-    replace this one's (stage 2 continues only the UNet LoRA of stage 1)."""
+    """Write the saved adapter ``diffusers_file`` (diffusers' LoRA file, or a folder: that file or ``peft/``) in
+    kohya's / LyCORIS's layout, which AUTOMATIC1111/Forge and ComfyUI read, with its metadata.
+    ``text_encoders_from``: another one whose text-encoder parts replace this one's (stage 2 continues only
+    the UNet LoRA of stage 1)."""
     from safetensors.torch import load_file
 
-    state, config = load_file(str(diffusers_file)), lora_config(diffusers_file)
+    def read(path: Path):
+        return read_adapter(path) if Path(path).is_dir() else (load_file(str(path)), lora_config(Path(path)))
+
+    state, config = read(diffusers_file)
     if text_encoders_from is not None:
+        te_state, te_config = read(text_encoders_from)
         state = {k: v for k, v in state.items() if k.startswith("unet.")}
-        state |= {k: v for k, v in load_file(str(text_encoders_from)).items() if not k.startswith("unet.")}
-        config |= {p: c for p, c in lora_config(text_encoders_from).items() if p != "unet"}
+        state |= {k: v for k, v in te_state.items() if not k.startswith("unet.")}
+        config |= {p: c for p, c in te_config.items() if p != "unet"}
     kohya = kohya_lora(state, config, unet_config, subject.xl)
-    rank = max(w.shape[0] for k, w in kohya.items() if k.endswith(".lora_down.weight"))
-    alpha = config["unet"]["lora_alpha"] if "unet" in config else next(iter(config.values()))["lora_alpha"]
-    return save_safetensors(kohya, out_file, lora_metadata(subject, rank, alpha, out_file.stem))
+    cfg = config["unet"] if "unet" in config else next(iter(config.values()))
+    kind = adapter_kind(cfg)
+    if kind == "lora":  # (as before DoRA, LoHa and LoKr: the same bytes for the same LoRA)
+        rank = max(w.shape[0] for k, w in kohya.items() if k.endswith(".lora_down.weight"))
+        alpha = cfg["lora_alpha"]
+    else:
+        alpha, rank = _alpha_and_rank("unet", cfg)
+    return save_safetensors(kohya, out_file, lora_metadata(subject, rank, alpha, out_file.stem, kind))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Single-file checkpoints: SD 1.5 (full) and ControlNet
 
 
-def ldm_checkpoint(unet: dict, vae: dict, text_encoder: dict, unet_config: dict, vae_config: dict) -> dict:
+def ldm_checkpoint(
+    unet: dict, vae: dict, text_encoder: dict, unet_config: dict, vae_config: dict, dtype=torch.float16
+) -> dict:
     """An SD 1.5 pipeline's state dicts in the original single-file layout (``model.diffusion_model.``,
-    ``first_stage_model.``, ``cond_stage_model.transformer.``), fp16. The VAE's mid-block attention is
-    1×1 convolutions there, linear layers in diffusers."""
+    ``first_stage_model.``, ``cond_stage_model.transformer.``), in ``dtype`` (fp16, as the UIs' checkpoints).
+    The VAE's mid-block attention is 1×1 convolutions there, linear layers in diffusers."""
     out = {f"model.diffusion_model.{ldm_unet_key(k, unet_config)}": v for k, v in unet.items()}
     up = len(vae_config["up_block_types"])
     for k, v in vae.items():
@@ -316,7 +411,7 @@ def ldm_checkpoint(unet: dict, vae: dict, text_encoder: dict, unet_config: dict,
             v = v[:, :, None, None]  # (C, C) → (C, C, 1, 1)
         out[f"first_stage_model.{key}"] = v
     out |= {f"cond_stage_model.transformer.{k}": v for k, v in text_encoder.items() if "position_ids" not in k}
-    return {k: v.half() if v.is_floating_point() else v for k, v in out.items()}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
 
 
 def export_checkpoint(pipeline_folder: Path, out_file: Path, subject: Subject) -> list[Path]:
@@ -407,15 +502,13 @@ def export_embedding(learned_embeds: Path, folder: Path, subject: Subject) -> Pa
 
 def unet_config_of(stage1: Path) -> dict:
     """The UNet config of the model stage 1 trained: its own (``full``), else its base model's (a hub id in
-    the cache, a folder or an embedded model; read offline)."""
-    from diffusers import UNet2DConditionModel
-
-    from posebooth import embedded
+    the cache, a folder, an embedded model or a checkpoint file with its ``common.model_config``; read offline)."""
+    from posebooth.models import unet_config
 
     if (Path(stage1) / "unet" / "config.json").exists():
         return json.loads((Path(stage1) / "unet" / "config.json").read_text())
-    base = _stage1_params(stage1)["common"]["model"]
-    return dict(UNet2DConditionModel.load_config(embedded.resolve(base), subfolder="unet"))
+    common = _stage1_params(stage1)["common"]
+    return unet_config(common["model"], common.get("model_config", ""))
 
 
 def _stage1_params(stage1: Path) -> dict:
@@ -445,13 +538,13 @@ def write_all(stage1: Path, stage2: Path | None, out: Path) -> list[Path]:
 def write_stage1(stage1: Path, out: Path, subject: Subject, unet_config: dict) -> list[Path]:
     """The UI exports of what stage 1 saved in ``stage1``: the kohya LoRA, the embedding, the checkpoint.
     (Custom Diffusion's weights have no UI format; only its embedding is exported.)"""
-    from posebooth.lora import LORA_FILE
+    from posebooth.lora import has_adapter
     from posebooth.methods import TI_FILE
 
     stage1, out = Path(stage1), Path(out)
     written = []
-    if (stage1 / LORA_FILE).exists():
-        written.append(export_kohya(stage1 / LORA_FILE, out / f"{subject.stem}.safetensors", unet_config, subject))
+    if has_adapter(stage1):  # LoRA, DoRA (pytorch_lora_weights.safetensors), LoHa, LoKr (peft/)
+        written.append(export_kohya(stage1, out / f"{subject.stem}.safetensors", unet_config, subject))
     if (stage1 / TI_FILE).exists():
         written.append(export_embedding(stage1 / TI_FILE, out, subject))
     if (stage1 / "model_index.json").exists():
@@ -465,7 +558,7 @@ def write_stage2(stage2: Path, stage1: Path, out: Path, subject: Subject, unet_c
     """The UI exports of stage 2: the ControlNet as one file (``controlnet``: the trained model if at hand,
     else loaded from ``stage2``) and the continued UNet LoRA (with stage 1's text-encoder LoRA, as
     ``posebooth generate`` combines them)."""
-    from posebooth.lora import LORA_FILE
+    from posebooth.lora import has_adapter
 
     stage2, stage1, out = Path(stage2), Path(stage1), Path(out)  # the stage passes its arguments' strings
     if controlnet is None:
@@ -473,10 +566,10 @@ def write_stage2(stage2: Path, stage1: Path, out: Path, subject: Subject, unet_c
 
         controlnet = load_stage2_controlnet(stage2, "cpu", "fp32")
     written = [export_controlnet(controlnet, out / f"{subject.stem}_openpose_controlnet.safetensors", subject)]
-    if (stage2 / "unet_lora" / LORA_FILE).exists():
-        te = stage1 / LORA_FILE if (stage1 / LORA_FILE).exists() else None
+    if has_adapter(stage2 / "unet_lora"):
+        te = stage1 if has_adapter(stage1) else None
         out_file = out / f"{subject.stem}_pose.safetensors"
-        written.append(export_kohya(stage2 / "unet_lora" / LORA_FILE, out_file, unet_config, subject, te))
+        written.append(export_kohya(stage2 / "unet_lora", out_file, unet_config, subject, te))
     for path in written:
         log.info("export: %s", path)
     return written

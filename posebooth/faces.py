@@ -11,6 +11,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from posebooth.images import box_size
+
 CASCADE = "haarcascade_frontalface_default.xml"
 
 
@@ -42,11 +44,14 @@ def detect_faces(image: Image.Image, min_size: int = 24, max_side: int = 400) ->
     return sorted(boxes, key=lambda b: (-b[2] * b[3], b[0], b[1]))
 
 
-def face_crop_box(size: tuple[int, int], face: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """The largest square inside the image, as centred on the face as the borders allow."""
+def face_crop_box(
+    size: tuple[int, int], face: tuple[int, int, int, int], aspect: float = 1.0
+) -> tuple[int, int, int, int]:
+    """The largest box of ``aspect`` (width / height; a square by default) inside the image, as centred on
+    the face as the borders allow."""
     w, h = size
-    side = min(w, h)
+    crop_w, crop_h = box_size(w, h, aspect)
     cx, cy = face[0] + face[2] / 2, face[1] + face[3] / 2
-    left = int(round(min(max(cx - side / 2, 0), w - side)))
-    top = int(round(min(max(cy - side / 2, 0), h - side)))
-    return left, top, left + side, top + side
+    left = int(round(min(max(cx - crop_w / 2, 0), w - crop_w)))
+    top = int(round(min(max(cy - crop_h / 2, 0), h - crop_h)))
+    return left, top, left + crop_w, top + crop_h

@@ -161,28 +161,42 @@ def orient_points(xy: np.ndarray, orientation: int, size: tuple[int, int]) -> np
     return np.stack([nx, ny], axis=1)
 
 
-def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The largest centred square (left, top, right, bottom)."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
+def box_size(width: int, height: int, aspect: float = 1.0, outside: bool = False) -> tuple[int, int]:
+    """(width, height) of the largest box of ``aspect`` (width / height) inside a ``width`` x ``height`` image,
+    or with ``outside`` the smallest one holding it; aspect 1: the shorter (longer) side squared."""
+    if (width >= height * aspect) != outside:
+        return round(height * aspect), height
+    return width, round(width / aspect)
 
 
-def pad_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The centred square that holds the whole image (it reaches outside the image: padding)."""
-    side = max(width, height)
-    left, top = -((side - width) // 2), -((side - height) // 2)
-    return left, top, left + side, top + side
+def centre_crop_box(width: int, height: int, aspect: float = 1.0) -> tuple[int, int, int, int]:
+    """The largest centred box (left, top, right, bottom) of ``aspect`` (width / height): a square by default."""
+    crop_w, crop_h = box_size(width, height, aspect)
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    return left, top, left + crop_w, top + crop_h
+
+
+def pad_box(width: int, height: int, aspect: float = 1.0) -> tuple[int, int, int, int]:
+    """The centred box of ``aspect`` (a square by default) that holds the whole image (it reaches outside the
+    image: padding)."""
+    box_w, box_h = box_size(width, height, aspect, outside=True)
+    left, top = -((box_w - width) // 2), -((box_h - height) // 2)
+    return left, top, left + box_w, top + box_h
 
 
 def crop_resize(
-    image: Image.Image, box: tuple[int, int, int, int], size: int, fill: tuple[int, int, int] = (0, 0, 0)
+    image: Image.Image,
+    box: tuple[int, int, int, int],
+    size: int | tuple[int, int],
+    fill: tuple[int, int, int] = (0, 0, 0),
 ) -> Image.Image:
-    """Crop ``box`` (which may reach outside the image; that part is ``fill``) and resize to ``size`` (Lanczos)."""
+    """Crop ``box`` (which may reach outside the image; that part is ``fill``) and resize to ``size`` (an int:
+    a square; or (width, height)) with Lanczos."""
     left, top, right, bottom = box
     canvas = Image.new("RGB", (right - left, bottom - top), tuple(fill))
     canvas.paste(image, (-left, -top))
-    return canvas.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return canvas.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def pixel_hash(image: Image.Image) -> str:

@@ -2,6 +2,8 @@
 
 - ``lora``: a LoRA on the UNet's attention (DreamBooth-LoRA), optionally a second one on the text encoder
   with its own learning rate. Saves ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``).
+  ``train.adapter`` picks the kind (``lora.adapter_config``): lora, dora (the same file), loha or lokr (saved
+  as PEFT adapters in ``peft/``, loaded by ``lora.load_adapters``).
 - ``full``: the whole UNet, optionally the whole text encoder (DreamBooth as in the paper). Saves a
   diffusers pipeline folder (``StableDiffusionPipeline.from_pretrained``).
 - ``custom_diffusion``: only the cross-attention (``attn2``) key and value projections (Kumari et al.
@@ -153,10 +155,10 @@ def setup(phase: str, comp, t, identifier: str, class_noun: str) -> Trainable:
     for encoder in comp.text_encoders:
         encoder.requires_grad_(False)
     if phase == "lora":
-        groups = [{"params": add_unet_lora(unet, t.rank, t.alpha, t.target_modules), "lr": t.lr}]
+        groups = [{"params": add_unet_lora(unet, t.rank, t.alpha, t.target_modules, t.adapter), "lr": t.lr}]
         if t.train_text_encoder:  # (both encoders of SDXL)
             lora = [p for i, encoder in enumerate(comp.text_encoders)
-                    for p in add_text_encoder_lora(encoder, t.rank, t.alpha, skip_last_layer=comp.xl and i == 0)]  # fmt: skip
+                    for p in add_text_encoder_lora(encoder, t.rank, t.alpha, comp.xl and i == 0, t.adapter)]  # fmt: skip
             groups.append({"params": lora, "lr": t.text_encoder_lr})
         return _trainable(comp, groups, t.train_text_encoder)
     if phase == "full":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posebooth import embedded, hub
+from posebooth import embedded, hub, single_file
 
 
 @dataclass
@@ -54,12 +54,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def is_xl(ref: str) -> bool:
-    """Whether ``ref`` (hub id, folder or embedded) is an SDXL base, with a second text encoder: a local
-    folder's ``text_encoder_2/config.json``, or the hub model's model_index.json. Reads only that file."""
+    """Whether ``ref`` (hub id, folder, embedded or checkpoint file) is an SDXL base, with a second text encoder:
+    a local folder's ``text_encoder_2/config.json``, the hub model's model_index.json, or a checkpoint file's
+    keys (its safetensors header). Reads only that."""
     from pathlib import Path
 
     from diffusers import DiffusionPipeline
 
+    if single_file.is_file(ref):
+        return single_file.kind(ref) == "sdxl"
     path = embedded.resolve(ref)
     if Path(path).is_dir():  # a local folder (maybe assembled by hand, without model_index.json)
         return (Path(path) / "text_encoder_2" / "config.json").exists()
@@ -70,13 +73,18 @@ def is_xl(ref: str) -> bool:
         raise _offline_hint(ref, err) from err
 
 
-def load_components(ref: str, device: str = "cpu", precision: str = "fp32", vae: str = "") -> Components:
+def load_components(
+    ref: str, device: str = "cpu", precision: str = "fp32", vae: str = "", model_config: str = ""
+) -> Components:
     """Load tokenizer(s), text encoder(s), VAE, UNet (frozen, in ``precision``) and the training noise
     scheduler; SD 1.5 or SDXL, whichever ``ref`` is. ``vae``: another VAE to use (a folder or hub id holding
-    only a VAE, such as the fp16-safe SDXL VAE), "" for the model's own."""
+    only a VAE, such as the fp16-safe SDXL VAE), "" for the model's own. ``ref`` may be one checkpoint file
+    (``single_file.py``), loaded with the configs of ``model_config`` ("" = the shipped ones its keys choose)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if single_file.is_file(ref):
+        return _load_file_components(ref, device, precision, vae, model_config)
     path = embedded.resolve(ref)
     if not embedded.is_embedded(ref):
         hub.require(path, "unet/config.json", "base model")
@@ -105,20 +113,57 @@ def load_components(ref: str, device: str = "cpu", precision: str = "fp32", vae:
     except OSError as err:
         raise _offline_hint(ref, err) from err
     if vae:
-        own = AutoencoderKL.load_config(path, subfolder="vae")
-        for key in ("latent_channels", "scaling_factor"):
-            if own.get(key) != vae_model.config.get(key):
-                raise ValueError(
-                    f"common.vae: {vae!r} has {key} {vae_model.config.get(key)} but {ref!r}'s own VAE has "
-                    f'{own.get(key)}: it was made for another model; use one made for this base, or ""'
-                )
-    for m in (text_encoder, vae_model, unet, *second.values()):
+        _check_vae(vae, vae_model, ref, path)
+    return _frozen(Components(tokenizer, text_encoder, vae_model, unet, noise_scheduler, ref, **second,
+                              base_scheduler=base_scheduler), device)  # fmt: skip
+
+
+def _check_vae(vae: str, vae_model, ref: str, config_path: str) -> None:
+    """Stop when ``common.vae`` was made for another model than ``ref`` (whose configs are in ``config_path``)."""
+    from diffusers import AutoencoderKL
+
+    own = AutoencoderKL.load_config(config_path, subfolder="vae")
+    for key in ("latent_channels", "scaling_factor"):
+        if own.get(key) != vae_model.config.get(key):
+            raise ValueError(
+                f"common.vae: {vae!r} has {key} {vae_model.config.get(key)} but {ref!r}'s own VAE has "
+                f'{own.get(key)}: it was made for another model; use one made for this base, or ""'
+            )
+
+
+def _frozen(comp: Components, device: str) -> Components:
+    """``comp`` with its networks frozen, in eval mode, on ``device``."""
+    for m in (comp.text_encoder, comp.vae, comp.unet, comp.text_encoder_2):
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False)
             m.eval()
             m.to(device)
-    return Components(tokenizer, text_encoder, vae_model, unet, noise_scheduler, ref, **second,
-                      base_scheduler=base_scheduler)  # fmt: skip
+    return comp
+
+
+def _load_file_components(ref: str, device: str, precision: str, vae: str, model_config: str) -> Components:
+    """``load_components`` of one checkpoint file: diffusers' ``from_single_file`` (``single_file.load_pipeline``),
+    then the same parts as from a folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    dtype = DTYPES[precision]
+    keys = single_file.shapes(ref)  # read once: a .ckpt is read whole to know them
+    config = single_file.config_folder(ref, model_config, single_file.detect(keys, ref))  # the checks first
+    vae_model = None
+    if vae:
+        if not embedded.is_embedded(vae):
+            hub.require(vae, "config.json", "VAE (common.vae)")
+        vae_model = AutoencoderKL.from_pretrained(embedded.resolve(vae), use_safetensors=True, torch_dtype=dtype)
+        _check_vae(vae, vae_model, ref, config)
+    pipe = single_file.load_pipeline(ref, model_config, dtype, vae_model, keys)
+    second = {}
+    if hasattr(pipe, "text_encoder_2"):
+        second = dict(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
+    # the schedulers from the config folder's JSON, exactly as from a diffusers folder
+    noise_scheduler = DDPMScheduler.from_pretrained(config, subfolder="scheduler")
+    comp = Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, noise_scheduler, ref, **second,
+                      base_scheduler=_own_scheduler(config))  # fmt: skip
+    return _frozen(comp, device)
 
 
 def _own_scheduler(path: str):
@@ -133,20 +178,21 @@ def _own_scheduler(path: str):
     return cls.from_config(config)
 
 
-def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "fp32", base: str = ""):
+def load_controlnet(
+    ref: str, unet=None, device: str = "cpu", precision: str = "fp32", base: str = "", base_config: str = ""
+):
     """A ControlNet from ``ref`` or, for ``"from_unet"``, initialised from ``unet`` (which must carry no LoRA).
 
     ``from_unet`` with a half-precision ``unet``: the ControlNet is made from the base model's UNet as stored
-    (``base``, loaded again in fp32), so that it starts from the exact weights, not fp16-rounded ones."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    (``base``, loaded again in fp32; ``base_config``: its ``common.model_config`` if it is a checkpoint file), so
+    that it starts from the exact weights, not fp16-rounded ones."""
+    from diffusers import ControlNetModel
 
     if ref == "from_unet":
         if unet is None:
             raise ValueError("train_pose.controlnet: 'from_unet' needs the base UNet")
         if unet.dtype != torch.float32 and base:
-            unet = UNet2DConditionModel.from_pretrained(
-                embedded.resolve(base), subfolder="unet", use_safetensors=True, torch_dtype=torch.float32
-            )
+            unet = load_unet(base, base_config, torch.float32)
         return ControlNetModel.from_unet(unet).to(device, DTYPES[precision])
     if not embedded.is_embedded(ref):
         hub.require(ref, "config.json", "ControlNet")
@@ -155,6 +201,30 @@ def load_controlnet(ref: str, unet=None, device: str = "cpu", precision: str = "
         return ControlNetModel.from_pretrained(path, use_safetensors=True, torch_dtype=DTYPES[precision]).to(device)
     except OSError as err:
         raise _offline_hint(ref, err) from err
+
+
+def load_unet(ref: str, model_config: str = "", dtype: torch.dtype = torch.float32):
+    """The base model's UNet alone, in ``dtype``: from a folder, hub id or embedded model, or from a checkpoint
+    file (``from_single_file`` with the configs ``single_file.config_folder`` gives)."""
+    from diffusers import UNet2DConditionModel
+
+    if single_file.is_file(ref):
+        config = single_file.config_folder(ref, model_config)
+        return UNet2DConditionModel.from_single_file(
+            ref, config=config, subfolder="unet", local_files_only=True, torch_dtype=dtype
+        )
+    return UNet2DConditionModel.from_pretrained(
+        embedded.resolve(ref), subfolder="unet", use_safetensors=True, torch_dtype=dtype
+    )
+
+
+def unet_config(ref: str, model_config: str = "") -> dict:
+    """The base model's UNet config (a JSON file; no weights read): of its folder, hub id or embedded model, or,
+    for a checkpoint file, of the configs it is loaded with."""
+    from diffusers import UNet2DConditionModel
+
+    path = single_file.config_folder(ref, model_config) if single_file.is_file(ref) else embedded.resolve(ref)
+    return dict(UNet2DConditionModel.load_config(path, subfolder="unet"))
 
 
 def check_controlnet_fits(controlnet, unet, key: str) -> None:
@@ -344,12 +414,14 @@ def weights_fingerprint(ref: str) -> str:
     """What identifies the weights behind ``ref``, for caches of things they generate.
 
     Embedded: its name and builder hash (not where the cache lives, so outputs that record it are the same
-    on every machine). Local folder: a hash of its files' names, sizes and modification times. Hub id: the
+    on every machine). Checkpoint file: its name and content hash (``single_file.fingerprint``). Local folder: a hash of its files' names, sizes and modification times. Hub id: the
     cached snapshot's commit, else the id itself.
     """
     import hashlib
     from pathlib import Path
 
+    if single_file.is_file(ref):
+        return single_file.fingerprint(ref)
     path = embedded.resolve(ref)
     if embedded.is_embedded(ref):
         return f"{ref}@{Path(path).name}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from posebooth import outputs
+from posebooth.buckets import nearest_bucket
 from posebooth.faces import detect_faces, face_crop_box
 from posebooth.images import (
     ImageError,
@@ -40,7 +41,7 @@ class Prepared:
 
     name: str  # output stem, unique in the set
     source: Path
-    image: Image.Image  # resolution x resolution RGB
+    image: Image.Image  # RGB, resolution x resolution, or its aspect-ratio bucket's size
     pose: Pose | None  # keypoints in the prepared image's pixels, if a sidecar exists
     record: dict  # manifest entry
 
@@ -58,25 +59,29 @@ def _safe_stem(stem: str) -> str:
 def size_conditioning(size: tuple[int, int], box: tuple[int, int, int, int], resolution: int) -> dict:
     """What SDXL is conditioned on besides the prompt (its ``add_time_ids``), the way its training scripts
     record it: the photo's ``original_size`` (height, width) and ``crop_top_left`` (top, left) of the crop in
-    the photo resized so that the crop is ``resolution`` wide (0 where the square reaches outside: padding)."""
+    the photo resized so that the crop is ``resolution`` wide (the square's side, or its bucket's width; 0
+    where the box reaches outside: padding)."""
     scale = resolution / (box[2] - box[0])
     return {"original_size": [size[1], size[0]],
             "crop_top_left": [max(0, round(box[1] * scale)), max(0, round(box[0] * scale))]}  # fmt: skip
 
 
-def choose_box(image: Image.Image, crop: str) -> tuple[tuple[int, int, int, int], str, list | None]:
-    """The square to cut from ``image``: ``(box, how, face)``; ``how`` says what happened, for the manifest."""
+def choose_box(
+    image: Image.Image, crop: str, aspect: float = 1.0
+) -> tuple[tuple[int, int, int, int], str, list | None]:
+    """The box of ``aspect`` (width / height: a square, or the photo's bucket) to cut from ``image``:
+    ``(box, how, face)``; ``how`` says what happened, for the manifest."""
     w, h = image.size
     if crop == "pad":
-        return pad_box(w, h), "pad", None
+        return pad_box(w, h, aspect), "pad", None
     if crop == "face":
         faces = detect_faces(image)
         if faces:
             how = "face" if len(faces) == 1 else f"face (largest of {len(faces)})"
-            return face_crop_box((w, h), faces[0]), how, list(faces[0])
-        return centre_crop_box(w, h), "centre (no face found)", None
+            return face_crop_box((w, h), faces[0], aspect), how, list(faces[0])
+        return centre_crop_box(w, h, aspect), "centre (no face found)", None
     if crop == "centre":
-        return centre_crop_box(w, h), "centre", None
+        return centre_crop_box(w, h, aspect), "centre", None
     raise ValueError(f"prepare_images.crop: unknown crop {crop!r}; choose centre, face or pad")
 
 
@@ -86,9 +91,12 @@ def prepare_folder(
     min_source_size: int,
     crop: str = "centre",
     pad_color: tuple[int, int, int] = (0, 0, 0),
+    buckets: list[tuple[int, int]] | None = None,
 ) -> tuple[list[Prepared], list[Skipped]]:
     """Prepare every image in ``input_dir``, with its caption (``<stem>.txt``) and keypoints (``<stem>.json``)
-    if it has them; unusable ones are skipped with a reason naming the problem."""
+    if it has them; unusable ones are skipped with a reason naming the problem. Each becomes a
+    ``resolution`` square, or with ``buckets`` (width, height) (``posebooth.buckets.bucket_sizes``) the size
+    of the bucket nearest its aspect."""
     folder = Path(input_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"prepare_images.input_dir: {folder} is not a folder; put the subject's photos there")
@@ -121,7 +129,8 @@ def prepare_folder(
             skipped.append(Skipped(path, f"near duplicate of {twin.name} (the same picture resized or re-encoded)"))
             continue
         near.append((bits, path))
-        box, how, face = choose_box(loaded.image, crop)
+        bucket = nearest_bucket((w, h), buckets) if buckets else (resolution, resolution)
+        box, how, face = choose_box(loaded.image, crop, bucket[0] / bucket[1])
         if how.startswith("centre (no face"):
             log.warning("%s: no face found, centre crop instead", path)
         pose = None
@@ -136,7 +145,7 @@ def prepare_folder(
             shown = map_pose(
                 stored, partial(orient_points, orientation=loaded.orientation, size=loaded.stored_size), w, h
             )
-            pose = crop_scale_pose(shown, box, resolution)
+            pose = crop_scale_pose(shown, box, bucket)
         name = f"{i:03d}_{_safe_stem(path.stem)}"
         record = {
             "name": name,
@@ -147,13 +156,14 @@ def prepare_folder(
             "oriented_size": [w, h],
             "crop": how,
             "crop_box": list(box),
-            **size_conditioning((w, h), box, resolution),
+            **size_conditioning((w, h), box, bucket[0]),
             "face_box": face,
             "resolution": resolution,
+            "bucket": list(bucket),  # (width, height) of the prepared image: its aspect-ratio bucket, or the square
             "keypoints": pose is not None,
             "caption": read_caption(path),  # <stem>.txt beside the photo (kohya's convention), or None
         }
-        kept.append(Prepared(name, path, crop_resize(loaded.image, box, resolution, tuple(pad_color)), pose, record))
+        kept.append(Prepared(name, path, crop_resize(loaded.image, box, bucket, tuple(pad_color)), pose, record))
     return kept, skipped
 
 

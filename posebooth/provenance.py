@@ -65,9 +65,27 @@ LOADING = {
 }
 
 
-def stage1_card(base_model: str, trigger: str, method: str = "lora", xl: bool = False, identifier: str = "") -> str:
+# train.adapter loha / lokr: PEFT adapters in models/stage1/peft/, which no diffusers pipeline loader reads
+PEFT_LOADING = (
+    "from posebooth.lora import load_adapters  # LoHa / LoKr: PEFT adapters in models/stage1/peft/\n"
+    'load_adapters(pipe, "models/stage1", "subject")'
+)
+
+
+def _loader(base: str) -> str:
+    """The diffusers method that loads ``base``: ``from_single_file`` for a checkpoint file (A1111 layout)."""
+    from posebooth.single_file import is_file
+
+    return "from_single_file" if is_file(base) else "from_pretrained"
+
+
+def stage1_card(
+    base_model: str, trigger: str, method: str = "lora", xl: bool = False, identifier: str = "", adapter: str = "lora"
+) -> str:
     base = "models/stage1" if method == "full" else base_model
     load = LOADING[f"{method}_xl" if xl and f"{method}_xl" in LOADING else method].replace("TOKEN", repr(identifier))
+    if adapter in ("loha", "lokr"):
+        load = load.replace(LOADING["lora"], PEFT_LOADING)
     pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     return model_card(
         f"posebooth subject, {method} (stage 1)",
@@ -80,7 +98,7 @@ def stage1_card(base_model: str, trigger: str, method: str = "lora", xl: bool = 
 from pathlib import Path
 from diffusers import {pipeline}
 
-pipe = {pipeline}.from_pretrained("{base}")
+pipe = {pipeline}.{_loader(base)}("{base}")
 {load}
 image = pipe("{trigger} on the beach").images[0]
 ```
@@ -88,9 +106,17 @@ image = pipe("{trigger} on the beach").images[0]
     )
 
 
-def stage2_card(base_model: str, trigger: str, xl: bool = False, controlnet_base: str | None = None) -> str:
+def stage2_card(
+    base_model: str, trigger: str, xl: bool = False, controlnet_base: str | None = None, stage1: str | None = None
+) -> str:
     """``controlnet_base``: with a ControlNet LoRA (``train_pose.mode: lora``), the ControlNet it goes on
-    (a hub id or folder, or ``models/stage2/controlnet_base``); None for a fully trained ControlNet."""
+    (a hub id or folder, or ``models/stage2/controlnet_base``); None for a fully trained ControlNet.
+    ``stage1``: the stage-1 folder, whose adapter's kind (a LoHa or LoKr in ``peft/``) the loading code follows."""
+    from posebooth.lora import PEFT_DIR
+
+    subject = LOADING["lora"].split("  #")[0]  # pipe.load_lora_weights("models/stage1")
+    if stage1 is not None and (Path(stage1) / PEFT_DIR).is_dir():
+        subject = PEFT_LOADING
     pipeline = "StableDiffusionXLControlNetPipeline" if xl else "StableDiffusionControlNetPipeline"
     if controlnet_base is None:
         load = 'controlnet = ControlNetModel.from_pretrained("models/stage2/controlnet")'
@@ -111,8 +137,8 @@ from diffusers import ControlNetModel, {pipeline}
 from PIL import Image
 
 {load}
-pipe = {pipeline}.from_pretrained("{base_model}", controlnet=controlnet)
-pipe.load_lora_weights("models/stage1")
+pipe = {pipeline}.{_loader(base_model)}("{base_model}", controlnet=controlnet)
+{subject}
 pose_map = Image.open("samples/poses/standing.png")  # OpenPose skeleton on black
 image = pipe("{trigger} waving", image=pose_map).images[0]
 ```

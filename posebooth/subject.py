@@ -1,8 +1,9 @@
 """Loading what stage 1 learned, whichever method made it, into a stock diffusers pipeline.
 
 What is in the folder says how to load it, as it would for anyone else: a diffusers pipeline folder
-(``full``) is a base model of its own; ``pytorch_lora_weights.safetensors`` goes through
-``load_lora_weights``; ``learned_embeds.safetensors`` through ``load_textual_inversion``;
+(``full``) is a base model of its own; ``pytorch_lora_weights.safetensors`` (LoRA, DoRA) goes through
+``load_lora_weights``; ``peft/`` (LoHa, LoKr: no diffusers loader) through ``lora.load_peft_adapters``;
+``learned_embeds.safetensors`` through ``load_textual_inversion``;
 ``pytorch_custom_diffusion_weights.safetensors`` through ``unet.load_attn_procs``.
 """
 
@@ -11,11 +12,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from posebooth.lora import LORA_FILE
+from posebooth.lora import LORA_FILE, PEFT_DIR, has_adapter, load_adapters, load_unet_lora
 from posebooth.methods import CD_FILE, TI_FILE
 
 log = logging.getLogger(__name__)
-FILES = ("model_index.json", LORA_FILE, CD_FILE, TI_FILE)
+FILES = ("model_index.json", LORA_FILE, PEFT_DIR, CD_FILE, TI_FILE)
 
 
 def base_model(stage1: str | Path, base: str) -> str:
@@ -25,13 +26,13 @@ def base_model(stage1: str | Path, base: str) -> str:
 
 def load_into(pipe, stage1: str | Path, adapter_name: str = "subject") -> bool:
     """Load the subject from ``stage1`` into ``pipe`` (its modules change in place); returns whether it
-    brought a LoRA (named ``adapter_name``), which ``set_adapters`` can then scale."""
+    brought a LoRA (or DoRA, LoHa, LoKr; named ``adapter_name``), which ``set_adapters`` can then scale."""
     folder = Path(stage1)
     if not any((folder / f).exists() for f in FILES):
         raise FileNotFoundError(f"{folder}: holds none of {list(FILES)}; run train_stage1_appearance first (dvc repro)")
-    has_lora = (folder / LORA_FILE).exists()
+    has_lora = has_adapter(folder)
     if has_lora:
-        pipe.load_lora_weights(str(folder), adapter_name=adapter_name, use_safetensors=True)
+        load_adapters(pipe, folder, adapter_name)
     if (folder / CD_FILE).exists():
         load_custom_diffusion(pipe, folder / CD_FILE)
     if (folder / TI_FILE).exists():
@@ -102,10 +103,9 @@ def trained_pipelines(
         check_controlnet_fits(controlnet, comp.unet, f"{stage2}")
     posed = sd_pipeline(comp, scheduler, controlnet)  # without the ControlNet: the plain pipeline itself
     has_lora = load_into(posed, stage1)  # into the modules both pipelines share
-    if (Path(stage2) / "unet_lora" / LORA_FILE).exists():  # stage 2 went on training the UNet LoRA
+    if has_adapter(Path(stage2) / "unet_lora"):  # stage 2 went on training the UNet LoRA
         posed.unet.delete_adapters("subject")
-        posed.unet.load_lora_adapter(str(Path(stage2) / "unet_lora"), prefix="unet", adapter_name="subject",
-                                     use_safetensors=True)  # fmt: skip
+        load_unet_lora(posed.unet, Path(stage2) / "unet_lora", adapter_name="subject")
     names, weights = (["subject"], [subject_scale]) if has_lora else ([], [])
     if not has_lora and subject_scale != 1.0:
         log.warning("sample.subject_lora_scale: %s ignored; the stage-1 method saved no LoRA", subject_scale)
@@ -113,6 +113,8 @@ def trained_pipelines(
         p = Path(path)
         if p.is_file():
             posed.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=f"extra_{i}", use_safetensors=True)
+        elif p.is_dir() and (p / PEFT_DIR).is_dir():  # a LoHa / LoKr saved by posebooth (train.adapter)
+            load_adapters(posed, p, f"extra_{i}")
         elif p.is_dir():
             posed.load_lora_weights(str(p), adapter_name=f"extra_{i}", use_safetensors=True)
         else:

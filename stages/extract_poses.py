@@ -2,7 +2,8 @@
 
 Reads:  params common.resolution, extract_poses.*; data/prepared (images, sidecar keypoints),
         data/class_priors (class images, and the poses of pose-paired ones, used as they are).
-Writes: data/poses/ (keypoints/*.json, maps/*.png on black, report.json), metrics/extract_poses.json.
+Writes: data/poses/ (keypoints/*.json, maps/*.png on black of each image's size, report.json),
+        metrics/extract_poses.json.
 Images without a usable pose are listed in the report (with why) and left out of pose training. The
 sidecar detector has no annotations for class images: stage 2 then trains on instance pairs only.
 """
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from posebooth import config, outputs
 from posebooth.detectors import SidecarDetector, make_detector
-from posebooth.poses import render_pose
+from posebooth.poses import render_pose_size
 
 log = logging.getLogger("extract_poses")
 
@@ -75,7 +76,9 @@ def main() -> None:
                 )
                 if used:
                     outputs.write_json(tmp / "keypoints" / f"{name}.json", pose.to_json())
-                    render_pose(pose, cfg.common.resolution, e.render_size).save(tmp / "maps" / f"{name}.png")
+                    # the image's size: common.resolution square, or its aspect-ratio bucket (prepare_images.buckets)
+                    width, height = image.size if kind == "instance" else (cfg.common.resolution,) * 2
+                    render_pose_size(pose, width, height, e.render_size).save(tmp / "maps" / f"{name}.png")
             if kind == "instance" and not entry["used"]:
                 log.warning("left out of pose training: %s (%s)", source, entry["reason"])
             report.append(entry)

@@ -69,6 +69,7 @@ def main() -> None:
                 model=weights_fingerprint(c.model), prompt=prompt, negative_prompt=g.negative_prompt,
                 resolution=c.resolution, steps=g.steps, guidance_scale=g.guidance_scale, scheduler=g.scheduler,
                 precision=c.precision, **({"vae": weights_fingerprint(c.vae)} if c.vae else {}),
+                **({"model_config": weights_fingerprint(c.model_config)} if c.model_config else {}),
                 **({"controlnet": weights_fingerprint(g.controlnet), "render_size": ep.render_size,
                     "poses": [p.to_json() for _, p in poses]} if poses else {}),
             )  # fmt: skip
@@ -86,7 +87,7 @@ def main() -> None:
             )
             if todo:
                 controlnet = load_controlnet(g.controlnet, None, c.device, c.precision) if poses else None
-                comp = load_components(c.model, c.device, c.precision, c.vae)
+                comp = load_components(c.model, c.device, c.precision, c.vae, c.model_config)
                 if controlnet is not None:
                     check_controlnet_fits(controlnet, comp.unet, "generate_class_priors.controlnet")
                 pipe = sd_pipeline(comp, g.scheduler, controlnet)

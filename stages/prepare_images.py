@@ -1,4 +1,4 @@
-"""prepare_images: the user's photos -> square training images with their keypoints.
+"""prepare_images: the user's photos -> square training images (or aspect-ratio buckets) with their keypoints.
 
 Reads:  params common.resolution, prepare_images.*; photos (and their *.json keypoint and *.txt caption
         sidecars) in prepare_images.input_dir.
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections import Counter
 
-from posebooth import config, outputs
+from posebooth import buckets, config, outputs
 from posebooth.prepare import prepare_folder, write_prepared
 
 log = logging.getLogger("prepare_images")
@@ -27,7 +28,11 @@ def main() -> None:
     cfg = config.load(["common", "prepare_images"])
     p = cfg.prepare_images
 
-    kept, skipped = prepare_folder(p.input_dir, cfg.common.resolution, p.min_source_size, p.crop, tuple(p.pad_color))
+    res = cfg.common.resolution
+    sizes = buckets.bucket_sizes(res * res, p.bucket_step, p.bucket_max_aspect) if p.buckets else None
+    if sizes:
+        log.info("aspect-ratio buckets (width x height): %s", ", ".join(f"{w}x{h}" for w, h in sizes))
+    kept, skipped = prepare_folder(p.input_dir, res, p.min_source_size, p.crop, tuple(p.pad_color), sizes)
     for s in skipped:
         log.warning("skipped %s: %s", s.source, s.reason)
     if len(kept) < p.min_images:
@@ -36,7 +41,6 @@ def main() -> None:
             f"{p.min_images}); add photos or lower the minimum. Skipped: "
             + ("; ".join(f"{s.source}: {s.reason}" for s in skipped) or "none")
         )
-    res = cfg.common.resolution
     outputs.require_free_space({args.out: len(kept) * res * res * 3 * 2}, "prepare_images")  # PNGs, keypoints
     with outputs.atomic_dir(args.out) as tmp:
         write_prepared(tmp, kept, skipped)
@@ -51,6 +55,9 @@ def main() -> None:
         },
     )
     log.info("prepared %d image(s), skipped %d, into %s", len(kept), len(skipped), args.out)
+    if sizes:
+        used = Counter(tuple(k.record["bucket"]) for k in kept)
+        log.info("photos per bucket: %s", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(used.items())))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def main() -> None:
     poses = load_target_poses(s.poses, args.target_poses, detect)  # validated before any model loads
 
     comp = load_components(
-        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae
+        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae, c.model_config
     )  # full: stage 1's own
     extras = list(zip(s.extra_loras, s.extra_lora_weights, strict=True))
     for path, _ in extras:
@@ -88,9 +88,11 @@ def main() -> None:
     if s.prior_images:  # the class prompt through the trained model: PRES (language drift) in evaluate
         jobs.append((c.class_prompt, None, "class"))
     if s.baselines:  # what the trained subject and the stage-2 ControlNet are compared with
-        base = load_components(c.model, c.device, c.precision, c.vae)
+        base = load_components(c.model, c.device, c.precision, c.vae, c.model_config)
         pipelines["base"] = sd_pipeline(base, s.scheduler)
-        pretrained = load_controlnet(cfg.train_pose.controlnet, base.unet, c.device, c.precision, c.model)
+        pretrained = load_controlnet(
+            cfg.train_pose.controlnet, base.unet, c.device, c.precision, c.model, c.model_config
+        )
         pipelines["pretrained_controlnet"] = sd_pipeline(comp, s.scheduler, pretrained)
         jobs += [(without_identifier(p, c.identifier), None, "base") for p in s.prompts]
         jobs += [(c.class_prompt, None, "base_class")] if s.prior_images else []

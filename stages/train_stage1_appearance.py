@@ -22,7 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import augment, checkpoints, config, data, exports, methods, outputs, provenance, training
+from posebooth import augment, buckets, checkpoints, config, data, exports, methods, outputs, provenance, training
 from posebooth.diffusion import add_noise
 from posebooth.generation import generate
 from posebooth.identifier import check_identifier
@@ -67,7 +67,9 @@ def main() -> None:
     xl = is_xl(c.model)  # SDXL: two text encoders, pooled embedding and time ids (posebooth/models.py)
     methods.check_supported(t.method, xl, c.model)
 
-    names, instance_pixels = data.instance_images(args.prepared, c.resolution)  # (N, 3, R, R) in [-1, 1]
+    # The photos by aspect-ratio bucket (prepare_images.buckets; without: one bucket of R x R squares), and
+    # each bucket's pixels (n, 3, h, w) in [-1, 1].
+    names, photo_buckets, bucket_pixels = data.instance_buckets(args.prepared, c.resolution)
     class_pixels = data.class_images(args.class_priors, c.resolution)  # (M, 3, R, R), M may be 0
     with_prior = t.prior_loss_weight > 0
     if with_prior and len(class_pixels) == 0:
@@ -75,36 +77,53 @@ def main() -> None:
             "train.prior_loss_weight > 0 but data/class_priors holds no images: "
             "set generate_class_priors.num_class_images >= 1, or train.prior_loss_weight: 0"
         )
-    faces = augment.face_boxes(instance_pixels) if t.face_loss_weight > 0 else [None] * len(instance_pixels)
+    # Training views, made once from the seed, per bucket: each photo and train.random_crops zoomed crops of it,
+    # with its face box (train.face_loss_weight) and its window in the photo (SDXL's crop conditioning).
+    faces, views, view_boxes, windows = [], [], [], []
+    for pixels in bucket_pixels:
+        found_faces = augment.face_boxes(pixels) if t.face_loss_weight > 0 else [None] * len(pixels)
+        bucket_views, boxes, bucket_windows = augment.crop_views(
+            pixels, found_faces, t.random_crops, t.random_crop_scale, generator
+        )  # (n, K, 3, h, w)
+        faces += found_faces
+        views.append(bucket_views)
+        view_boxes.append(boxes)
+        windows.append(bucket_windows)
     if t.face_loss_weight > 0:
         found = sum(b is not None for b in faces)
         log.info("face-region loss: a face in %d of %d photos%s", found, len(faces),
                  "" if found else "; none found, so the face term is off (train.face_loss_weight has no effect)")  # fmt: skip
-    # Training views, made once from the seed: each photo and train.random_crops zoomed crops of it.
-    views, view_boxes, windows = augment.crop_views(
-        instance_pixels, faces, t.random_crops, t.random_crop_scale, generator
-    )
-    n_images, n_views = views.shape[:2]
-    use_loss_maps = any(box is not None for boxes in view_boxes for box in boxes)
+    n_images, n_views = len(names), views[0].shape[1]
+    use_loss_maps = any(box is not None for boxes in view_boxes for per_photo in boxes for box in per_photo)
 
-    comp = load_components(c.model, c.device, c.precision, c.vae)
+    comp = load_components(c.model, c.device, c.precision, c.vae, c.model_config)
     unet, text_encoder, scheduler = comp.unet, comp.text_encoder, comp.noise_scheduler
+    vae_downsampling = 2 ** (len(comp.vae.config.block_out_channels) - 1)
+    buckets.check_latent_fit([g.size for g in photo_buckets], vae_downsampling, c.resolution)
     # The VAE is frozen: each view and mirror image is encoded once (posterior mean and std, in chunks of
-    # train.vae_batch_size), and every step draws its latents from those posteriors.
-    flat = views.flatten(0, 1)  # (N * K, 3, R, R)
-    view_latents = encode_posterior(comp.vae, flat, t.vae_batch_size).unflatten((n_images, n_views))
-    flipped_latents = (
-        encode_posterior(comp.vae, flat.flip(-1), t.vae_batch_size).unflatten((n_images, n_views))
-        if t.flip_prob > 0 else None
-    )  # fmt: skip
-    class_latents = encode_posterior(comp.vae, class_pixels, t.vae_batch_size) if with_prior else None
-    h = view_latents.mean.shape[-1]
-    masks = torch.stack([torch.stack([augment.box_mask(b, c.resolution, h) for b in boxes]) for boxes in view_boxes])
-    loss_maps = (1 + t.face_loss_weight * masks).to(c.device)  # (N, K, 1, h, w): 1 outside faces
-    # SDXL's size and crop conditioning: of each view, as it is and mirrored, from the photo's original size
-    # and crop recorded by prepare_images (N, K, 2, 6); class images: their generated size. None for SD 1.5.
-    instance_time_ids = data.view_time_ids(args.prepared, names, c.resolution, windows) if xl else None
-    class_time_ids = data.generated_time_ids(t.batch_size, c.resolution) if xl else None
+    # train.vae_batch_size), and every step draws its latents from those posteriors; the class images are
+    # centre-cropped and resized to each bucket's size once (posebooth/buckets.py).
+    for g, bucket_views, boxes, bucket_windows in zip(photo_buckets, views, view_boxes, windows, strict=True):
+        flat = bucket_views.flatten(0, 1)  # (n * K, 3, h, w)
+        g.latents = encode_posterior(comp.vae, flat, t.vae_batch_size).unflatten((len(g), n_views))
+        g.flipped = (
+            encode_posterior(comp.vae, flat.flip(-1), t.vae_batch_size).unflatten((len(g), n_views))
+            if t.flip_prob > 0 else None
+        )  # fmt: skip
+        if with_prior:  # (M, 3, h, w)
+            g.class_latents = encode_posterior(comp.vae, buckets.fit_pixels(class_pixels, g.size), t.vae_batch_size)
+        latent_size = (g.latents.mean.shape[-1], g.latents.mean.shape[-2])
+        masks = torch.stack([torch.stack([augment.box_mask(b, g.size, latent_size) for b in bs]) for bs in boxes])
+        g.loss_maps = (1 + t.face_loss_weight * masks).to(c.device)  # (n, K, 1, h, w): 1 outside faces
+        # SDXL's size and crop conditioning: of each view, as it is and mirrored, from the photo's original size
+        # and crop recorded by prepare_images (n, K, 2, 6); class images: their generated size, fitted to the
+        # bucket (B, 6). None for SD 1.5.
+        bucket_names = [names[i] for i in g.index]
+        g.time_ids = data.view_time_ids(args.prepared, bucket_names, c.resolution, bucket_windows) if xl else None
+        g.class_time_ids = buckets.generated_time_ids(t.batch_size, c.resolution, g.size) if xl else None
+    if len(photo_buckets) > 1:
+        log.info("aspect-ratio buckets (width x height: photos): %s",
+                 ", ".join(f"{g.size[0]}x{g.size[1]}: {len(g)}" for g in photo_buckets))  # fmt: skip
     identifier = check_identifier(comp.tokenizer, c.identifier)
     for warning in identifier["warnings"]:
         log.warning("%s", warning)
@@ -190,25 +209,30 @@ def main() -> None:
                 totals = torch.zeros(3)
                 for _micro in range(t.gradient_accumulation_steps):
                     with accelerator.accumulate(*models):
-                        idx = shard.indices(n_images, b, generator)
+                        bucket = buckets.draw(photo_buckets, generator)  # the batch's size (one bucket: no draw)
+                        idx = shard.indices(len(bucket), b, generator)  # into the bucket's photos
                         view = shard.indices(n_views, b, generator) if n_views > 1 else torch.zeros(b, dtype=torch.long)
-                        posterior, loss_map = view_latents[idx, view], loss_maps[idx, view]  # (B, 4|1, h, w)
+                        posterior, loss_map = bucket.latents[idx, view], bucket.loss_maps[idx, view]  # (B, 4|1, h, w)
                         flip = torch.zeros(b, dtype=torch.bool)  # (B,) on the CPU, like the indices
-                        if flipped_latents is not None:
+                        if bucket.flipped is not None:
                             flip = shard.rand(b, generator) < t.flip_prob
                             # on the latents' device: only a 0-dim CPU tensor may mix with CUDA tensors in an op
                             flip_mask = flip.view(-1, 1, 1, 1).to(loss_map.device)
-                            posterior = posterior.where(flip_mask, flipped_latents[idx, view])
+                            posterior = posterior.where(flip_mask, bucket.flipped[idx, view])
                             loss_map = torch.where(flip_mask, loss_map.flip(-1), loss_map)
                         latents = posterior.sample(generator, shard.rank_world)  # (B, 4, h, w)
                         chosen = shard.take(choose_variants(b * shard.world, len(templates), len(t.descriptive_words),
                                                             t.descriptive_prob, generator), b)  # fmt: skip
                         dropped = shard.take(caption_dropout(b * shard.world, t.caption_dropout, bool(captioned),
                                                              generator), b)  # fmt: skip
-                        chosen = with_captions(chosen, rows[idx], dropped, len(templates), len(t.descriptive_words))
+                        chosen = with_captions(
+                            chosen, rows[bucket.index[idx]], dropped, len(templates), len(t.descriptive_words)
+                        )
                         if with_prior:  # instance half first, then the class half: (2B, ...)
-                            cidx = shard.indices(len(class_latents), b, generator)
-                            latents = torch.cat([latents, class_latents[cidx].sample(generator, shard.rank_world)])
+                            cidx = shard.indices(len(bucket.class_latents), b, generator)
+                            latents = torch.cat(
+                                [latents, bucket.class_latents[cidx].sample(generator, shard.rank_world)]
+                            )
                             loss_map = torch.cat([loss_map, torch.ones_like(loss_map)])
                         if tr.text_encoder_trains:  # prompts through the text encoder(s) being trained
                             ids = [v[chosen] for v in variant_ids]
@@ -222,9 +246,9 @@ def main() -> None:
                             if with_prior:
                                 encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
                                 pooled = torch.cat([pooled, class_pooled.expand(b, -1)]) if xl else None
-                        ids_time = instance_time_ids[idx, view, flip.long()] if xl else None  # (B, 6)
+                        ids_time = bucket.time_ids[idx, view, flip.long()] if xl else None  # (B, 6)
                         if xl and with_prior:
-                            ids_time = torch.cat([ids_time, class_time_ids])
+                            ids_time = torch.cat([ids_time, bucket.class_time_ids])
                         noisy_latents, noise, timesteps = add_noise(
                             scheduler, latents, generator, t.noise_offset, shard.rank_world
                         )
@@ -274,7 +298,7 @@ def main() -> None:
                     files=[f.name for f in files],
                 ))  # fmt: skip
                 (tmp / "README.md").write_text(
-                    provenance.stage1_card(c.model, templates[0], t.method, xl, c.identifier)
+                    provenance.stage1_card(c.model, templates[0], t.method, xl, c.identifier, t.adapter)
                 )
                 drop_local_paths(tmp)
             steplog.close()

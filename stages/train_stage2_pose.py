@@ -22,9 +22,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from posebooth import checkpoints, config, data, exports, outputs, provenance, subject, training
+from posebooth import buckets, checkpoints, config, data, exports, outputs, provenance, subject, training
 from posebooth.diffusion import add_noise
-from posebooth.lora import add_controlnet_lora, save_controlnet_lora, save_unet_lora
+from posebooth.lora import adapter_parameters, add_controlnet_lora, save_controlnet_lora, save_unet_lora
 from posebooth.models import (
     DTYPES,
     added_conditions,
@@ -58,7 +58,9 @@ def main() -> None:
     generator = outputs.seed_everything(c.seed, c.deterministic)
 
     dirs = {"instance": args.prepared, "class": args.class_priors}
-    names, pixels, conds = data.pose_pairs(args.poses, dirs, c.resolution, "instance")  # [-1, 1], [0, 1]
+    # The instance pairs by aspect-ratio bucket (prepare_images.buckets; without: one bucket of R x R squares):
+    # pixels (n, 3, h, w) in [-1, 1] per bucket, its pose maps in [0, 1] in the bucket's conds.
+    names, pair_buckets, bucket_pixels = data.pose_pair_buckets(args.poses, args.prepared, c.resolution)
     if not names:
         raise ValueError(f"{args.poses}/report.json: no instance image has a usable pose; see extract_poses")
     class_names, class_pixels, class_conds = data.pose_pairs(args.poses, dirs, c.resolution, "class")
@@ -70,9 +72,11 @@ def main() -> None:
         )
 
     comp = load_components(
-        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae
+        subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae, c.model_config
     )  # full: stage 1's own
     unet, scheduler = comp.unet, comp.noise_scheduler
+    vae_downsampling = 2 ** (len(comp.vae.config.block_out_channels) - 1)
+    buckets.check_latent_fit([g.size for g in pair_buckets], vae_downsampling, c.resolution)
     weight_dtype = DTYPES[c.precision]  # of the frozen weights
     # The ControlNet first: from_unet fails on a UNet that already carries a PEFT LoRA. It trains in fp32.
     # (mode lora: the frozen base runs in common.precision, its LoRA stays fp32; full: all of it trains in fp32)
@@ -80,16 +84,20 @@ def main() -> None:
     controlnet = load_controlnet(
         t.controlnet, unet, c.device, c.precision if t.mode == "lora" else "fp32",
         base=subject.base_model(args.stage1, c.model),
+        base_config=c.model_config,
     )  # fmt: skip
     check_controlnet_fits(controlnet, unet, "train_pose.controlnet")
     subject.load_into(sd_pipeline(comp, "ddim"), args.stage1)  # the stage-1 identity (UNet, text encoder)...
     unet.requires_grad_(False)  # ... frozen
     for encoder in comp.text_encoders:
         encoder.requires_grad_(False)
-    # Encoded once (frozen VAE), in chunks of train_pose.vae_batch_size: posterior mean and std (N, 4, R/8, R/8)
-    # each; every step draws its latents from them.
-    latents_all = encode_posterior(comp.vae, pixels, t.vae_batch_size)
-    class_latents = encode_posterior(comp.vae, class_pixels, t.vae_batch_size) if with_prior else None
+    # Encoded once (frozen VAE), in chunks of train_pose.vae_batch_size: posterior mean and std (n, 4, h/8, w/8)
+    # each; every step draws its latents from them. Class pairs: centre-cropped and resized to each bucket once.
+    for g, pixels in zip(pair_buckets, bucket_pixels, strict=True):
+        g.latents, g.conds = encode_posterior(comp.vae, pixels, t.vae_batch_size), g.conds.to(c.device)
+        if with_prior:
+            g.class_latents = encode_posterior(comp.vae, buckets.fit_pixels(class_pixels, g.size), t.vae_batch_size)
+            g.class_conds = buckets.fit_pixels(class_conds, g.size).to(c.device)
     prompts = [config.fill(c.instance_prompt, c), config.fill(c.class_prompt, c), ""]
     embeddings, pooled_all = encode_text(comp, prompts)  # (3, 77, D); SDXL: pooled (3, P), else None
     instance_emb, class_emb, empty_emb = embeddings.chunk(3)
@@ -100,9 +108,9 @@ def main() -> None:
     # crops; class images' generated size). Nothing for SD 1.5.
     if comp.xl:
         instance_pooled, class_pooled, empty_pooled = pooled_all.chunk(3)
-        instance_time_ids = data.time_ids(args.prepared, names, c.resolution)
-        class_time_ids = data.generated_time_ids(t.batch_size, c.resolution)
-    conds, class_conds = conds.to(c.device), class_conds.to(c.device)
+        for g in pair_buckets:  # (n, 6) and (B, 6)
+            g.time_ids = data.time_ids(args.prepared, [names[i] for i in g.index], c.resolution)
+            g.class_time_ids = buckets.generated_time_ids(t.batch_size, c.resolution, g.size)
     log.info("%d instance and %d class (image, pose) pairs; prompt %r dropped with p=%.2f",
              len(names), len(class_names) if with_prior else 0, prompts[0], t.empty_prompt_prob)  # fmt: skip
 
@@ -115,7 +123,7 @@ def main() -> None:
         params = [p for p in controlnet.parameters() if p.requires_grad]
     groups, models = [{"params": params, "lr": t.lr}], [controlnet]
     if t.train_unet_lora:  # the stage-1 LoRA (adapter "subject") learns on
-        unet_lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+        unet_lora = adapter_parameters(unet, "subject")  # (any train.adapter: LoRA, DoRA, LoHa, LoKr)
         if not unet_lora:
             raise ValueError(
                 f"train_pose.train_unet_lora: {args.stage1} holds no UNet LoRA (train.method lora or momentum_ti)"
@@ -176,20 +184,21 @@ def main() -> None:
             totals = torch.zeros(3)
             for _micro in range(t.gradient_accumulation_steps):
                 with accelerator.accumulate(*models):
-                    idx = shard.indices(len(names), b, generator)
-                    latents = latents_all[idx].sample(generator, shard.rank_world)  # (B, 4, h, w)
-                    controlnet_cond = conds[idx]  # (B, 3, R, R) in [0, 1]
+                    bucket = buckets.draw(pair_buckets, generator)  # the batch's size (one bucket: no draw)
+                    idx = shard.indices(len(bucket), b, generator)  # into the bucket's pairs
+                    latents = bucket.latents[idx].sample(generator, shard.rank_world)  # (B, 4, h, w)
+                    controlnet_cond = bucket.conds[idx]  # (B, 3, H, W) in [0, 1]
                     encoder_hidden_states = instance_emb.expand(b, -1, -1)  # (B, 77, D)
                     pooled = instance_pooled.expand(b, -1) if comp.xl else None  # SDXL: (B, P)
-                    ids_time = instance_time_ids[idx] if comp.xl else None  # SDXL: (B, 6)
+                    ids_time = bucket.time_ids[idx] if comp.xl else None  # SDXL: (B, 6)
                     if with_prior:  # instance half first, then (class image, its pose, class prompt): (2B, ...)
                         cidx = shard.indices(len(class_names), b, generator)
-                        latents = torch.cat([latents, class_latents[cidx].sample(generator, shard.rank_world)])
-                        controlnet_cond = torch.cat([controlnet_cond, class_conds[cidx]])
+                        latents = torch.cat([latents, bucket.class_latents[cidx].sample(generator, shard.rank_world)])
+                        controlnet_cond = torch.cat([controlnet_cond, bucket.class_conds[cidx]])
                         encoder_hidden_states = torch.cat([encoder_hidden_states, class_emb.expand(b, -1, -1)])
                         if comp.xl:
                             pooled = torch.cat([pooled, class_pooled.expand(b, -1)])
-                            ids_time = torch.cat([ids_time, class_time_ids])
+                            ids_time = torch.cat([ids_time, bucket.class_time_ids])
                     # Empty-prompt dropout (diffusers' train_controlnet): the pose alone must carry the layout.
                     drop = shard.rand(len(latents), generator) < t.empty_prompt_prob
                     encoder_hidden_states = torch.where(
@@ -254,6 +263,7 @@ def main() -> None:
                         None
                         if t.mode == "full"
                         else ("models/stage2/controlnet_base" if base is not None else t.controlnet),
+                        stage1=args.stage1,
                     )
                 )  # fmt: skip)
                 drop_local_paths(tmp)
