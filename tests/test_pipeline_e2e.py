@@ -198,6 +198,7 @@ def repo_metric(repo: Reference, name: str) -> float:
 
 # Every stage-1 method besides the default (lora) and every stage-2 choice besides the default (full fine-tune of
 # a pretrained ControlNet), merged where the knobs are orthogonal: (params, the stages each must run again).
+# momentum_ti's DreamBooth part trains a LoKr (train.adapter), which stage 2, sample and evaluate load through PEFT.
 EXPERIMENTS = {
     "full-te-cn-lora": (["train.method=full", "train.train_text_encoder=true", "train.lr=1e-5",
                          "train_pose.mode=lora"], STAGES[3:]),
@@ -206,7 +207,7 @@ EXPERIMENTS = {
     "ti-pose-library": (["train.method=textual_inversion", "train.new_token=true",
                          "sample.poses=['data/target_poses/wave.json#mirror','data/target_poses/t_pose.json#scale=0.7']",
                          "sample.control_guidance_end=0.6"], STAGES[3:]),
-    "momentum-ti": (["train.method=momentum_ti", "train.ti_steps=3"], STAGES[3:]),
+    "momentum-ti-lokr": (["train.method=momentum_ti", "train.ti_steps=3", "train.adapter=lokr"], STAGES[3:]),
     "cn-lora-from-unet-unet-lora": (["train_pose.mode=lora", "train_pose.controlnet=from_unet",
                                      "train_pose.train_unet_lora=true", "train_pose.empty_prompt_prob=0.5"],
                                     STAGES[4:]),
