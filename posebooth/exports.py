@@ -189,7 +189,6 @@ def modelspec(s: Subject, kind: str, title: str, implementation: str) -> dict[st
 
 # LyCORIS's network args (``lycoris/kohya.py`` ``create_network``) as sd-scripts records them in ``ss_network_args``
 LYCORIS_ARGS = {
-    "dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"},
     "loha": {"algo": "loha"},
     "lokr": {"algo": "lokr"},
 }
@@ -290,14 +289,31 @@ def _alpha_and_rank(part: str, cfg: dict) -> tuple[float, int]:
     return float(alpha), int(cfg["r"])
 
 
+# PEFT's DoRA magnitude m rescales each output row of the merged weight M = W + (α/r)·B·A to norm m (LyCORIS's
+# wd_on_output). ComfyUI and Forge (comfy/weight_adapter/base.py weight_decompose) divide by the row norm of the
+# *base* weight W instead, A1111 (network.py apply_weight_decompose) reads only input-axis scales, and a conv
+# layer's magnitude would need (out, 1, 1, 1): a dora_scale = m exported as is loads with the wrong weights.
+# An exact export for ComfyUI/Forge needs m·‖W‖/‖M‖ per row, from the base weights: not written yet.
+DORA_NO_EXPORT = (
+    "train.adapter: dora has no AUTOMATIC1111/ComfyUI export yet: their DoRA formulas differ from PEFT's (they divide "
+    "by the base weight's row norm, or read another axis), so the file would load with wrong weights; the diffusers "
+    "file in models/stage1 loads with pipe.load_lora_weights, and train.adapter: lora exports for every UI"
+)
+
+
+def saved_adapter_kind(folder: Path) -> str:
+    """The kind (``adapter_kind``) of the adapter saved in ``folder`` (diffusers' LoRA file or PEFT's folders)."""
+    _, config = read_adapter(folder)
+    return adapter_kind(config["unet"] if "unet" in config else next(iter(config.values())))
+
+
 def kohya_lora(state: dict[str, torch.Tensor], config: dict[str, dict], unet_config: dict, xl: bool) -> dict:
     """A saved adapter's state dict in kohya's (LoRA) or LyCORIS's (DoRA, LoHa, LoKr) layout, each part
     converted on its own (``config``: per part, its saved adapter config, as ``read_adapter`` gives it).
 
     - LoRA (``unet.…lora.down.weight``, ``text_encoder.…lora_linear_layer.up.weight``, PEFT's ``lora_A``/``lora_B``):
       ``lora_down.weight``, ``lora_up.weight`` and the trained ``alpha`` (the UIs scale by alpha / rank).
-    - DoRA: the same, plus ``dora_scale`` (out, 1): PEFT's magnitude, the norm of each output row of
-      W + (α/r)·B·A, which is LyCORIS's ``wd_on_output`` orientation (ComfyUI tells it by its shape).
+    - DoRA: refused (``DORA_NO_EXPORT``).
     - LoHa: ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in), ``hada_w2_a``, ``hada_w2_b`` and ``alpha``: the same
       tensors and scale (α / r) in PEFT (``tuners/loha/layer.py``) and in the UIs (ComfyUI
       ``weight_adapter/loha.py``, A1111 ``network_hada.py``).
@@ -324,10 +340,10 @@ def kohya_lora(state: dict[str, torch.Tensor], config: dict[str, dict], unet_con
         kind = adapter_kind(cfg)
         alpha, rank = _alpha_and_rank(part, cfg)
         name = kohya_module_name(part, module, unet_config, xl)
-        if kind in ("lora", "dora"):
+        if kind == "dora":
+            raise ValueError(DORA_NO_EXPORT)
+        if kind == "lora":
             out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = w["down"], w["up"]
-            if kind == "dora":
-                out[f"{name}.dora_scale"] = w["magnitude"].reshape(-1, 1)  # (out,) → (out, 1)
         elif kind == "loha":
             out |= {f"{name}.{k}": w[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
         else:  # lokr
@@ -543,7 +559,9 @@ def write_stage1(stage1: Path, out: Path, subject: Subject, unet_config: dict) -
 
     stage1, out = Path(stage1), Path(out)
     written = []
-    if has_adapter(stage1):  # LoRA, DoRA (pytorch_lora_weights.safetensors), LoHa, LoKr (peft/)
+    if has_adapter(stage1) and saved_adapter_kind(stage1) == "dora":
+        log.warning("export: %s", DORA_NO_EXPORT)
+    elif has_adapter(stage1):  # LoRA (pytorch_lora_weights.safetensors), LoHa, LoKr (peft/)
         written.append(export_kohya(stage1, out / f"{subject.stem}.safetensors", unet_config, subject))
     if (stage1 / TI_FILE).exists():
         written.append(export_embedding(stage1 / TI_FILE, out, subject))
@@ -566,7 +584,10 @@ def write_stage2(stage2: Path, stage1: Path, out: Path, subject: Subject, unet_c
 
         controlnet = load_stage2_controlnet(stage2, "cpu", "fp32")
     written = [export_controlnet(controlnet, out / f"{subject.stem}_openpose_controlnet.safetensors", subject)]
-    if has_adapter(stage2 / "unet_lora"):
+    dora = [f for f in (stage2 / "unet_lora", stage1) if has_adapter(f) and saved_adapter_kind(f) == "dora"]
+    if has_adapter(stage2 / "unet_lora") and dora:
+        log.warning("export: %s", DORA_NO_EXPORT)
+    elif has_adapter(stage2 / "unet_lora"):
         te = stage1 if has_adapter(stage1) else None
         out_file = out / f"{subject.stem}_pose.safetensors"
         written.append(export_kohya(stage2 / "unet_lora", out_file, unet_config, subject, te))

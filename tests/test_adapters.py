@@ -190,21 +190,16 @@ def _ui_weight(lora: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight + torch.kron(w["w1"], w["w2"]).reshape(weight.shape) * (alpha / dim if dim is not None else 1.0)
     up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
     merged = weight + up @ down * (alpha / down.shape[0])  # lora.py: mm(up, down), alpha / down.shape[0]
-    if f"{name}.dora_scale" not in lora:
-        return merged
-    # base.py weight_decompose: a dora_scale of (out, 1) (dora_scale.shape[0] == weight.shape[0]) is on the output
-    # axis, each row of the merged weight rescaled to its magnitude (LyCORIS' wd_on_output; DoRA, Liu et al. 2024)
-    scale = lora[f"{name}.dora_scale"]
-    assert scale.shape == (weight.shape[0], 1)
-    return merged * (scale / merged.norm(dim=1, keepdim=True))
+    assert f"{name}.dora_scale" not in lora  # DoRA is not exported (exports.DORA_NO_EXPORT)
+    return merged
 
 
-VARIANTS = [("dora", 4), ("loha", 4), ("lokr", 4), ("lokr", 2)]  # lokr rank 4: both Kronecker factors full; 2: w2 = a·b
+VARIANTS = [("loha", 4), ("lokr", 4), ("lokr", 2)]  # lokr rank 4: both Kronecker factors full; 2: w2 = a·b
 
 
 @pytest.mark.parametrize(
     "ref, adapter, rank",
-    [("embedded:tiny-sd15", a, r) for a, r in VARIANTS] + [("embedded:tiny-sdxl", a, 4) for a in KIND_KEYS],
+    [("embedded:tiny-sd15", a, r) for a, r in VARIANTS] + [("embedded:tiny-sdxl", a, 4) for a in ("loha", "lokr")],
 )
 def test_ui_export_rebuilds_the_weight_peft_trained(ref, adapter, rank, tmp_path):
     comp, t, trainable = _setup(ref, adapter, rank=rank, alpha=3.0)
@@ -229,8 +224,8 @@ def test_ui_export_rebuilds_the_weight_peft_trained(ref, adapter, rank, tmp_path
     base = load_components(ref)
     plain = {p: getattr(base, p) for p in parts}
     key_map = _comfyui_key_map(plain, comp.xl)
-    comfy = {"lora": (".lora_up.weight", ".lora_down.weight"), "dora": (".lora_up.weight", ".lora_down.weight",
-             ".dora_scale"), "loha": tuple(f".hada_{k}" for k in ("w1_a", "w1_b", "w2_a", "w2_b")),
+    comfy = {"lora": (".lora_up.weight", ".lora_down.weight"),
+             "loha": tuple(f".hada_{k}" for k in ("w1_a", "w1_b", "w2_a", "w2_b")),
              "lokr": tuple(f".lokr_{k}" for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"))}[adapter]  # fmt: skip
     loaded = {f"{x}{s}" for x in key_map for s in (*comfy, ".alpha") if f"{x}{s}" in lora}
     assert loaded == set(lora)  # ComfyUI load_lora leaves none "not loaded"
@@ -240,7 +235,7 @@ def test_ui_export_rebuilds_the_weight_peft_trained(ref, adapter, rank, tmp_path
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(meta["ss_network_args"])["algo"] == ("lora" if adapter == "dora" else adapter)
+    assert json.loads(meta["ss_network_args"])["algo"] == adapter
     assert meta["ss_network_dim"] == str(rank) and meta["ss_network_alpha"] == "3.0"
 
 
@@ -267,3 +262,19 @@ def test_adapter_is_checked_against_the_method(tmp_path):
         load(adapter="boft")
     with pytest.raises(config.ConfigError, match=r"train.adapter: dora is for method lora or momentum_ti"):
         load(adapter="dora", method="full")
+
+
+def test_dora_writes_no_ui_export_and_says_why(tmp_path, caplog):
+    """PEFT's DoRA magnitude normalises by the merged weight's rows; ComfyUI/Forge divide by the base weight's and
+    A1111 reads the other axis, so an exported ``dora_scale`` would load with wrong weights: no file, a warning, and
+    ``posebooth export``'s converter refuses it."""
+    comp, t, trainable = _setup("embedded:tiny-sd15", "dora")
+    _randomise(trainable)
+    methods.save("lora", comp, tmp_path, t, "sks")
+    subject = exports.Subject("sks", "robot", "lora", "embedded:tiny-sd15", False, 32)
+    with caplog.at_level("WARNING"):
+        assert exports.write_stage1(tmp_path, tmp_path / "exports", subject, dict(comp.unet.config)) == []
+    assert "train.adapter: dora has no AUTOMATIC1111/ComfyUI export" in caplog.text
+    state, config = exports.read_adapter(tmp_path)
+    with pytest.raises(ValueError, match="train.adapter: dora has no"):
+        exports.kohya_lora(state, config, dict(comp.unet.config), False)
