@@ -326,7 +326,10 @@ def kohya_lora(state: dict[str, torch.Tensor], config: dict[str, dict], unet_con
     for key, weight in state.items():
         m = _LORA_KEY.match(key)
         if not m:
-            raise ValueError(f"{key}: not an adapter key of the UNet or a text encoder (the kohya export is for LoRA)")
+            raise ValueError(
+                f"{key}: not a key the UI export converts (LoRA, LoHa or LoKr weights of the UNet or a text encoder; "
+                "LoHa/LoKr with Tucker or effective-conv factors, hada_t1/lokr_t1, have no export)"
+            )
         if m["magnitude"]:
             param = "magnitude"
         elif m["lycoris"]:
@@ -406,6 +409,9 @@ def export_kohya(
         alpha = cfg["lora_alpha"]
     else:
         alpha, rank = _alpha_and_rank("unet", cfg)
+        written = {v.item() for k, v in kohya.items() if k.endswith(".alpha")}
+        if len(written) == 1:  # LoKr with full factors writes alpha = r (its α / r is in lokr_w2): record that
+            alpha = written.pop()
     return save_safetensors(kohya, out_file, lora_metadata(subject, rank, alpha, out_file.stem, kind))
 
 

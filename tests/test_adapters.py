@@ -236,7 +236,11 @@ def test_ui_export_rebuilds_the_weight_peft_trained(ref, adapter, rank, tmp_path
         meta = f.metadata()
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"])["algo"] == adapter
-    assert meta["ss_network_dim"] == str(rank) and meta["ss_network_alpha"] == "3.0"
+    # the alpha the modules carry: the trained 3.0, or r where LoKr's full factors hold α / r in lokr_w2 (when
+    # every module has full factors, the metadata says r too; mixed, it keeps the trained α)
+    alphas = {lora[k].item() for k in lora if k.endswith(".alpha")}
+    assert float(meta["ss_network_alpha"]) == (alphas.pop() if len(alphas) == 1 else 3.0)
+    assert meta["ss_network_dim"] == str(rank) and meta["ss_network_alpha"] in ("3.0", f"{float(rank)}")
 
 
 def test_adapter_is_checked_against_the_method(tmp_path):
