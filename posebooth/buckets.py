@@ -106,6 +106,11 @@ def check_latent_fit(sizes: list[Size], downsampling: int, resolution: int) -> N
             )
 
 
+def check_vae_fit(groups: list[Bucket], vae, resolution: int) -> None:
+    """``check_latent_fit`` of the buckets ``groups`` against ``vae``'s downsampling (both training stages)."""
+    check_latent_fit([g.size for g in groups], 2 ** (len(vae.config.block_out_channels) - 1), resolution)
+
+
 def generated_time_ids(n: int, resolution: int, size: Size) -> torch.Tensor:
     """SDXL's time ids (n, 6) of ``n`` images generated at ``resolution`` square, centre-cropped to the aspect
     of ``size`` and resized to it (``fit_pixels``): original (R, R), the crop's top-left in the image resized

@@ -98,8 +98,7 @@ def main() -> None:
 
     comp = load_components(c.model, c.device, c.precision, c.vae, c.model_config)
     unet, text_encoder, scheduler = comp.unet, comp.text_encoder, comp.noise_scheduler
-    vae_downsampling = 2 ** (len(comp.vae.config.block_out_channels) - 1)
-    buckets.check_latent_fit([g.size for g in photo_buckets], vae_downsampling, c.resolution)
+    buckets.check_vae_fit(photo_buckets, comp.vae, c.resolution)
     # The VAE is frozen: each view and mirror image is encoded once (posterior mean and std, in chunks of
     # train.vae_batch_size), and every step draws its latents from those posteriors; the class images are
     # centre-cropped and resized to each bucket's size once (posebooth/buckets.py).

@@ -75,8 +75,7 @@ def main() -> None:
         subject.base_model(args.stage1, c.model), c.device, c.precision, c.vae, c.model_config
     )  # full: stage 1's own
     unet, scheduler = comp.unet, comp.noise_scheduler
-    vae_downsampling = 2 ** (len(comp.vae.config.block_out_channels) - 1)
-    buckets.check_latent_fit([g.size for g in pair_buckets], vae_downsampling, c.resolution)
+    buckets.check_vae_fit(pair_buckets, comp.vae, c.resolution)
     weight_dtype = DTYPES[c.precision]  # of the frozen weights
     # The ControlNet first: from_unet fails on a UNet that already carries a PEFT LoRA. It trains in fp32.
     # (mode lora: the frozen base runs in common.precision, its LoRA stays fp32; full: all of it trains in fp32)
