@@ -125,13 +125,13 @@ def main(stage: str) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     load_components = models.load_components
 
-    def loading_into_the_fake_mode(ref, device="cpu", precision="fp32", vae=""):
+    def loading_into_the_fake_mode(ref, device="cpu", precision="fp32", vae="", model_config=""):
         """The stage's own loading, with the fake mode entered first: what the stage computed before it loaded
         the model (images, masks, poses) is real; its models land on fake ``cuda`` by the stage's own code."""
         assert device == "cuda", "the rehearsal needs common.device: cuda in params.yaml"
         if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None:
             mode.__enter__()
-        return load_components(ref, device, precision, vae)
+        return load_components(ref, device, precision, vae, model_config)
 
     module.load_components = loading_into_the_fake_mode
     _values_read_as_zeros()
