@@ -115,8 +115,10 @@ def main() -> None:
                     keypoints = fit_square(pose, c.resolution).to_json()
                     outputs.write_json(tmp / "keypoints" / f"class_{i:04d}.json", keypoints)
                     records[-1]["pose_from"] = name
+            # null, not "", for no negative prompt: what generation.generate passes, and what SDXL pipelines
+            # treat differently (zeros for None, the encoded "" otherwise), so a record replays exactly.
             manifest = {
-                "source": "generate", "model": c.model, "prompt": prompt, "negative_prompt": g.negative_prompt,
+                "source": "generate", "model": c.model, "prompt": prompt, "negative_prompt": g.negative_prompt or None,
                 "resolution": c.resolution, "steps": g.steps, "guidance_scale": g.guidance_scale,
                 "scheduler": g.scheduler, "precision": c.precision, "cache_key": key, "images": records,
                 "pose_paired": bool(poses), "controlnet": g.controlnet if poses else None,

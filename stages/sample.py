@@ -146,8 +146,9 @@ def main() -> None:
             for seed, image in zip(s.seeds, images, strict=True):
                 file = f"images/{j:03d}_{kind}_{pose_name or 'free'}_s{seed}.png"
                 image.save(tmp / file)
+                # negative_prompt null, not "", when there is none: see generate_class_priors' manifest.
                 index.append({
-                    "file": file, "kind": kind, "prompt": prompt, "prompt_template": template, "negative_prompt": s.negative_prompt,
+                    "file": file, "kind": kind, "prompt": prompt, "prompt_template": template, "negative_prompt": s.negative_prompt or None,
                     "pose": pose_name, "pose_file": s.poses[list(poses).index(pose_name)] if pose_name else None,
                     "pose_keypoints": f"poses/{pose_name}.json" if pose_name else None,
                     "seed": seed, "steps": s.steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
