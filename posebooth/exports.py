@@ -8,7 +8,8 @@ UIs read other layouts, written here into an ``exports/`` folder (``write_stage1
   ``lora_up`` and the trained ``alpha`` per module), with kohya's ``ss_*`` and Stability's ``modelspec.*``
   metadata. SD 1.5 keeps diffusers' block names after the prefix (kohya's own SD 1.5 LoRAs do), SDXL uses the
   original (SGM) block names (``input_blocks.4.1…``), as kohya's SDXL LoRAs do. DoRA, LoHa and LoKr
-  (``train.adapter``) → LyCORIS's keys under the same module names (``kohya_lora``).
+  (``train.adapter``) → LyCORIS's keys under the same module names (``kohya_lora``); DoRA's ``dora_scale``
+  is computed from the base model's weights (``dora_scale``), so it is written only where those are at hand.
 - ``full`` → one SD 1.5 checkpoint in the original (LDM) layout, fp16.
 - ControlNet (full, or its LoRA fused into its base) → one fp16 file in the original layout
   (``control_model.…``), which sd-webui-controlnet, ComfyUI and diffusers' ``from_single_file`` read.
@@ -25,12 +26,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
+
+BaseWeights = Callable[[str, str], torch.Tensor]  # (part, module path) → the base model's weight of that module
 
 CLIP_VOCAB = 49408  # rows of the CLIP tokenizers' embedding tables (what single-file loaders build)
 
@@ -189,6 +193,7 @@ def modelspec(s: Subject, kind: str, title: str, implementation: str) -> dict[st
 
 # LyCORIS's network args (``lycoris/kohya.py`` ``create_network``) as sd-scripts records them in ``ss_network_args``
 LYCORIS_ARGS = {
+    "dora": {"algo": "lora", "dora_wd": True, "wd_on_out": True},  # LyCORIS's DoRA: a LoRA with weight decomposition
     "loha": {"algo": "loha"},
     "lokr": {"algo": "lokr"},
 }
@@ -290,15 +295,69 @@ def _alpha_and_rank(part: str, cfg: dict) -> tuple[float, int]:
 
 
 # PEFT's DoRA magnitude m rescales each output row of the merged weight M = W + (α/r)·B·A to norm m (LyCORIS's
-# wd_on_output). ComfyUI and Forge (comfy/weight_adapter/base.py weight_decompose) divide by the row norm of the
-# *base* weight W instead, A1111 (network.py apply_weight_decompose) reads only input-axis scales, and a conv
-# layer's magnitude would need (out, 1, 1, 1): a dora_scale = m exported as is loads with the wrong weights.
-# An exact export for ComfyUI/Forge needs m·‖W‖/‖M‖ per row, from the base weights: not written yet.
-DORA_NO_EXPORT = (
-    "train.adapter: dora has no AUTOMATIC1111/ComfyUI export yet: their DoRA formulas differ from PEFT's (they divide "
-    "by the base weight's row norm, or read another axis), so the file would load with wrong weights; the diffusers "
-    "file in models/stage1 loads with pipe.load_lora_weights, and train.adapter: lora exports for every UI"
+# wd_on_out). ComfyUI and Forge (comfy/weight_adapter/base.py weight_decompose, when dora_scale.shape[0] is the
+# weight's output size) compute W + (α/r)·up·down and multiply each row by dora_scale / ‖W_row‖, the row norm of
+# the *base* weight W. So the file carries dora_scale = m·‖W_row‖/‖M_row‖, shaped (out, 1, ...) like the weight:
+# those UIs then rebuild m·M/‖M‖ exactly (up to the eps of the weight's dtype they add to ‖W_row‖).
+# AUTOMATIC1111 (extensions-builtin/Lora network.py apply_weight_decompose), and ComfyUI before it checked the
+# axis, read only input-axis scales (one per input column): no file can carry PEFT's per-row magnitude to them.
+DORA_NEEDS_BASE = (
+    "train.adapter: dora: the UI export's dora_scale depends on the base model's weights; pass them (the stages "
+    "do, and `posebooth export` loads the base model named in the stage's provenance.json)"
 )
+DORA_UI_NOTE = (
+    "export: %s is a DoRA: ComfyUI and Forge load it exactly (their output-axis DoRA); AUTOMATIC1111 reads only "
+    "input-axis DoRA and would load it with wrong weights (for A1111, train train.adapter: lora, loha or lokr)"
+)
+
+
+def dora_scale(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, magnitude: torch.Tensor, scale: float):
+    """LyCORIS's output-axis ``dora_scale`` (out, 1, ...) that makes ComfyUI/Forge rebuild PEFT's DoRA weight
+    m·M/‖M‖ per output row, M = W + scale·up·down (``scale`` = α/r): m·‖W‖/‖M‖ per row (see above). ``weight``
+    is the base model's (out, in) or (out, in, kh, kw) weight; ``magnitude`` PEFT's ``lora_magnitude_vector``
+    (out,) or, for a conv layer, (1, out, 1, 1)."""
+    w = weight.detach().double()
+    delta = (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], -1).norm(dim=1)
+
+    m = magnitude.double().flatten()
+    if m.shape[0] != w.shape[0]:
+        raise ValueError(f"DoRA magnitude of {m.shape[0]} rows for a weight of {w.shape[0]}: not this base model's")
+    s = m * rows(w) / rows(w + scale * delta)
+    return s.reshape(w.shape[0], *[1] * (w.dim() - 1)).to(down.dtype)
+
+
+def base_weights_of(comp) -> BaseWeights:
+    """``BaseWeights`` read off loaded models (``comp``: ``models.Components``, or anything with ``unet``,
+    ``text_encoder`` and ``text_encoder_2`` attributes): a module PEFT wraps gives its base layer's weight
+    (adapters only wrap it; a fused adapter would change it)."""
+
+    def weight(part: str, module: str) -> torch.Tensor:
+        layer = getattr(comp, part).get_submodule(module)
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        return layer.weight.detach().float().cpu()
+
+    return weight
+
+
+def base_weights_from_provenance(stage1: Path) -> BaseWeights:
+    """``BaseWeights`` of the base model stage 1 trained on (its provenance.json's ``common.model``), loaded on
+    first use, on the CPU, through the only loading code (``models.load_components``)."""
+    loaded: list[BaseWeights] = []
+
+    def weight(part: str, module: str) -> torch.Tensor:
+        if not loaded:
+            from posebooth.models import load_components
+
+            common = _stage1_params(stage1)["common"]
+            loaded.append(
+                base_weights_of(load_components(common["model"], model_config=common.get("model_config", "")))
+            )
+        return loaded[0](part, module)
+
+    return weight
 
 
 def saved_adapter_kind(folder: Path) -> str:
@@ -307,13 +366,19 @@ def saved_adapter_kind(folder: Path) -> str:
     return adapter_kind(config["unet"] if "unet" in config else next(iter(config.values())))
 
 
-def kohya_lora(state: dict[str, torch.Tensor], config: dict[str, dict], unet_config: dict, xl: bool) -> dict:
+def kohya_lora(
+    state: dict[str, torch.Tensor],
+    config: dict[str, dict],
+    unet_config: dict,
+    xl: bool,
+    base: BaseWeights | None = None,
+) -> dict:
     """A saved adapter's state dict in kohya's (LoRA) or LyCORIS's (DoRA, LoHa, LoKr) layout, each part
     converted on its own (``config``: per part, its saved adapter config, as ``read_adapter`` gives it).
 
     - LoRA (``unet.…lora.down.weight``, ``text_encoder.…lora_linear_layer.up.weight``, PEFT's ``lora_A``/``lora_B``):
       ``lora_down.weight``, ``lora_up.weight`` and the trained ``alpha`` (the UIs scale by alpha / rank).
-    - DoRA: refused (``DORA_NO_EXPORT``).
+    - DoRA: the LoRA keys plus ``dora_scale`` (``dora_scale``: needs ``base``, the base model's weights).
     - LoHa: ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in), ``hada_w2_a``, ``hada_w2_b`` and ``alpha``: the same
       tensors and scale (α / r) in PEFT (``tuners/loha/layer.py``) and in the UIs (ComfyUI
       ``weight_adapter/loha.py``, A1111 ``network_hada.py``).
@@ -343,13 +408,15 @@ def kohya_lora(state: dict[str, torch.Tensor], config: dict[str, dict], unet_con
         kind = adapter_kind(cfg)
         alpha, rank = _alpha_and_rank(part, cfg)
         name = kohya_module_name(part, module, unet_config, xl)
-        if kind == "dora":
-            raise ValueError(DORA_NO_EXPORT)
-        if kind == "lora":
+        if kind in ("lora", "dora"):
             out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = w["down"], w["up"]
-        elif kind == "loha":
+        if kind == "dora":
+            if base is None:
+                raise ValueError(DORA_NEEDS_BASE)
+            out[f"{name}.dora_scale"] = dora_scale(base(part, module), w["down"], w["up"], w["magnitude"], alpha / rank)
+        if kind == "loha":
             out |= {f"{name}.{k}": w[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-        else:  # lokr
+        elif kind == "lokr":
             out |= {f"{name}.{k}": v for k, v in w.items()}
             if "lokr_w1" in w and "lokr_w2" in w:  # no factor decomposed: the UIs do not scale, so PEFT's α / r here
                 out[f"{name}.lokr_w2"] = w["lokr_w2"] * (alpha / rank)
@@ -385,11 +452,12 @@ def export_kohya(
     unet_config: dict,
     subject: Subject,
     text_encoders_from: Path | None = None,
+    base: BaseWeights | None = None,
 ) -> Path:
     """Write the saved adapter ``diffusers_file`` (diffusers' LoRA file, or a folder: that file or ``peft/``) in
     kohya's / LyCORIS's layout, which AUTOMATIC1111/Forge and ComfyUI read, with its metadata.
     ``text_encoders_from``: another one whose text-encoder parts replace this one's (stage 2 continues only
-    the UNet LoRA of stage 1)."""
+    the UNet LoRA of stage 1). ``base``: the base model's weights, which a DoRA's export needs."""
     from safetensors.torch import load_file
 
     def read(path: Path):
@@ -401,7 +469,7 @@ def export_kohya(
         state = {k: v for k, v in state.items() if k.startswith("unet.")}
         state |= {k: v for k, v in te_state.items() if not k.startswith("unet.")}
         config |= {p: c for p, c in te_config.items() if p != "unet"}
-    kohya = kohya_lora(state, config, unet_config, subject.xl)
+    kohya = kohya_lora(state, config, unet_config, subject.xl, base)
     cfg = config["unet"] if "unet" in config else next(iter(config.values()))
     kind = adapter_kind(cfg)
     if kind == "lora":  # (as before DoRA, LoHa and LoKr: the same bytes for the same LoRA)
@@ -551,24 +619,31 @@ def write_all(stage1: Path, stage2: Path | None, out: Path) -> list[Path]:
     ``posebooth export`` writes."""
     stage1 = Path(stage1)
     subject, unet_config = subject_of(stage1), unet_config_of(stage1)
-    written = write_stage1(stage1, out, subject, unet_config)
+    base = base_weights_from_provenance(stage1)  # loaded only for a DoRA
+    written = write_stage1(stage1, out, subject, unet_config, base)
     if stage2 is not None and (Path(stage2) / "provenance.json").exists():
-        written += write_stage2(Path(stage2), stage1, out, subject, unet_config)
+        written += write_stage2(Path(stage2), stage1, out, subject, unet_config, base=base)
     return written
 
 
-def write_stage1(stage1: Path, out: Path, subject: Subject, unet_config: dict) -> list[Path]:
+def write_stage1(
+    stage1: Path, out: Path, subject: Subject, unet_config: dict, base: BaseWeights | None = None
+) -> list[Path]:
     """The UI exports of what stage 1 saved in ``stage1``: the kohya LoRA, the embedding, the checkpoint.
-    (Custom Diffusion's weights have no UI format; only its embedding is exported.)"""
+    (Custom Diffusion's weights have no UI format; only its embedding is exported.) ``base``: the base model's
+    weights, for a DoRA (``BaseWeights``; by default loaded from stage 1's provenance.json)."""
     from posebooth.lora import has_adapter
     from posebooth.methods import TI_FILE
 
     stage1, out = Path(stage1), Path(out)
     written = []
-    if has_adapter(stage1) and saved_adapter_kind(stage1) == "dora":
-        log.warning("export: %s", DORA_NO_EXPORT)
-    elif has_adapter(stage1):  # LoRA (pytorch_lora_weights.safetensors), LoHa, LoKr (peft/)
-        written.append(export_kohya(stage1, out / f"{subject.stem}.safetensors", unet_config, subject))
+    if has_adapter(stage1):  # LoRA, DoRA (pytorch_lora_weights.safetensors), LoHa, LoKr (peft/)
+        path = out / f"{subject.stem}.safetensors"
+        written.append(
+            export_kohya(stage1, path, unet_config, subject, base=base or base_weights_from_provenance(stage1))
+        )
+        if saved_adapter_kind(stage1) == "dora":
+            log.warning(DORA_UI_NOTE, path.name)
     if (stage1 / TI_FILE).exists():
         written.append(export_embedding(stage1 / TI_FILE, out, subject))
     if (stage1 / "model_index.json").exists():
@@ -578,10 +653,13 @@ def write_stage1(stage1: Path, out: Path, subject: Subject, unet_config: dict) -
     return written
 
 
-def write_stage2(stage2: Path, stage1: Path, out: Path, subject: Subject, unet_config: dict, controlnet=None):
+def write_stage2(
+    stage2: Path, stage1: Path, out: Path, subject: Subject, unet_config: dict, controlnet=None,
+    base: BaseWeights | None = None,
+):  # fmt: skip
     """The UI exports of stage 2: the ControlNet as one file (``controlnet``: the trained model if at hand,
     else loaded from ``stage2``) and the continued UNet LoRA (with stage 1's text-encoder LoRA, as
-    ``posebooth generate`` combines them)."""
+    ``posebooth generate`` combines them; ``base`` as for ``write_stage1``)."""
     from posebooth.lora import has_adapter
 
     stage2, stage1, out = Path(stage2), Path(stage1), Path(out)  # the stage passes its arguments' strings
@@ -590,13 +668,13 @@ def write_stage2(stage2: Path, stage1: Path, out: Path, subject: Subject, unet_c
 
         controlnet = load_stage2_controlnet(stage2, "cpu", "fp32")
     written = [export_controlnet(controlnet, out / f"{subject.stem}_openpose_controlnet.safetensors", subject)]
-    dora = [f for f in (stage2 / "unet_lora", stage1) if has_adapter(f) and saved_adapter_kind(f) == "dora"]
-    if has_adapter(stage2 / "unet_lora") and dora:
-        log.warning("export: %s", DORA_NO_EXPORT)
-    elif has_adapter(stage2 / "unet_lora"):
+    if has_adapter(stage2 / "unet_lora"):
         te = stage1 if has_adapter(stage1) else None
         out_file = out / f"{subject.stem}_pose.safetensors"
-        written.append(export_kohya(stage2 / "unet_lora", out_file, unet_config, subject, te))
+        base = base or base_weights_from_provenance(stage1)
+        written.append(export_kohya(stage2 / "unet_lora", out_file, unet_config, subject, te, base))
+        if saved_adapter_kind(stage2 / "unet_lora") == "dora":
+            log.warning(DORA_UI_NOTE, out_file.name)
     for path in written:
         log.info("export: %s", path)
     return written

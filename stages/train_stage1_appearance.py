@@ -291,7 +291,8 @@ def main() -> None:
                 files = methods.save(t.method, comp, tmp, t, c.identifier)
                 if t.export_kohya:  # exports/: what AUTOMATIC1111/Forge and ComfyUI load (posebooth/exports.py)
                     subject = exports.Subject.from_params(cfg.as_dict(), xl)
-                    exports.write_stage1(tmp, tmp / "exports", subject, dict(comp.unet.config))
+                    exports.write_stage1(tmp, tmp / "exports", subject, dict(comp.unet.config),
+                                         exports.base_weights_of(comp))  # fmt: skip
                 outputs.write_json(tmp / "provenance.json", provenance.provenance(
                     cfg.as_dict(), base_model=c.model, method=t.method, trigger=templates[0], identifier_check=identifier,
                     files=[f.name for f in files],

@@ -249,7 +249,8 @@ def main() -> None:
                     save_unet_lora(comp.unet, tmp / "unet_lora", adapter="subject")
                 if t.export:  # exports/: what AUTOMATIC1111/Forge and ComfyUI load (posebooth/exports.py)
                     exports.write_stage2(tmp, args.stage1, tmp / "exports", exports.subject_of(args.stage1),
-                                         dict(comp.unet.config), controlnet=trained)  # fmt: skip
+                                         dict(comp.unet.config), controlnet=trained,
+                                         base=exports.base_weights_of(comp))  # fmt: skip
                 outputs.write_json(tmp / "provenance.json", provenance.provenance(
                     cfg.as_dict(), base_model=c.model, trigger=prompts[0], controlnet_init=t.controlnet,
                     stage1=args.stage1, pairs=names, class_pairs=class_names if with_prior else [],

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -172,10 +173,34 @@ def test_dora_loads_in_a_stock_diffusers_pipeline(ref, tmp_path):
             assert torch.equal(comp.unet(x, ts, ehs).sample, pipe.unet(x, ts, ehs).sample)
 
 
-def _ui_weight(lora: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
+def _comfyui_weight_decompose(dora_scale: torch.Tensor, weight: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """``comfy/weight_adapter/base.py`` ``weight_decompose`` at strength 1 (Forge's ``backend/patcher/lora.py``
+    is the same): a ``dora_scale`` along the output axis (shape[0] = out) divides by the row norms of the *base*
+    weight, else by the column norms of the merged one; plus the weight dtype's eps."""
+    if dora_scale.shape[0] == merged.shape[0]:
+        norm = (
+            weight.reshape(weight.shape[0], -1)
+            .norm(dim=1, keepdim=True)
+            .reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+        )
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
+    return merged * (dora_scale / (norm + torch.finfo(weight.dtype).eps))
+
+
+def _a1111_weight_decompose(dora_scale: torch.Tensor, weight: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """A1111's ``extensions-builtin/Lora/network.py`` ``apply_weight_decompose``: always the merged weight's
+    column norms (the input axis), whatever the shape of ``dora_scale``."""
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+    return merged * (dora_scale / norm.reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1))
+
+
+def _ui_weight(lora: dict, name: str, weight: torch.Tensor, decompose=_comfyui_weight_decompose) -> torch.Tensor:
     """The weight a UI patches module ``name`` to, from the exported keys: ComfyUI's ``calculate_weight`` of
     ``comfy/weight_adapter/{lora,loha,lokr}.py`` (A1111's ``network_lora.py``, ``network_hada.py`` and
-    ``network_lokr.py`` scale alike: alpha / dim when there is a dim, else 1), at strength 1."""
+    ``network_lokr.py`` scale alike: alpha / dim when there is a dim, else 1), at strength 1; a ``dora_scale``
+    through ``decompose``."""
     alpha = lora[f"{name}.alpha"].item()
     if f"{name}.hada_w1_a" in lora:  # loha.py: (w1a @ w1b) * (w2a @ w2b), alpha / w1b.shape[0]
         w1a, w1b, w2a, w2b = (lora[f"{name}.hada_{k}"] for k in ("w1_a", "w1_b", "w2_a", "w2_b"))
@@ -189,24 +214,28 @@ def _ui_weight(lora: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
                 w[k], dim = lora[f"{name}.lokr_{k}_a"] @ lora[f"{name}.lokr_{k}_b"], lora[f"{name}.lokr_{k}_b"].shape[0]
         return weight + torch.kron(w["w1"], w["w2"]).reshape(weight.shape) * (alpha / dim if dim is not None else 1.0)
     up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
-    merged = weight + up @ down * (alpha / down.shape[0])  # lora.py: mm(up, down), alpha / down.shape[0]
-    assert f"{name}.dora_scale" not in lora  # DoRA is not exported (exports.DORA_NO_EXPORT)
+    # lora.py: mm(up.flatten(1), down.flatten(1)) in the weight's shape, alpha / down.shape[0]
+    merged = weight + (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (alpha / down.shape[0])
+    if f"{name}.dora_scale" in lora:  # lora.py hands a dora_scale to weight_decompose
+        return decompose(lora[f"{name}.dora_scale"], weight, merged)
     return merged
 
 
-VARIANTS = [("loha", 4), ("lokr", 4), ("lokr", 2)]  # lokr rank 4: both Kronecker factors full; 2: w2 = a·b
+VARIANTS = [("dora", 4), ("loha", 4), ("lokr", 4), ("lokr", 2)]  # lokr 4: both Kronecker factors full; 2: w2 = a·b
 
 
 @pytest.mark.parametrize(
     "ref, adapter, rank",
-    [("embedded:tiny-sd15", a, r) for a, r in VARIANTS] + [("embedded:tiny-sdxl", a, 4) for a in ("loha", "lokr")],
+    [("embedded:tiny-sd15", a, r) for a, r in VARIANTS]
+    + [("embedded:tiny-sdxl", a, 4) for a in ("dora", "loha", "lokr")],
 )
 def test_ui_export_rebuilds_the_weight_peft_trained(ref, adapter, rank, tmp_path):
     comp, t, trainable = _setup(ref, adapter, rank=rank, alpha=3.0)
     _randomise(trainable)
     methods.save("lora", comp, tmp_path, t, "sks")
     subject = exports.Subject("sks", "robot", "lora", ref, comp.xl, 32)
-    (out,) = exports.write_stage1(tmp_path, tmp_path / "exports", subject, dict(comp.unet.config))
+    base_weights = exports.base_weights_of(comp)  # (a DoRA's dora_scale needs them)
+    (out,) = exports.write_stage1(tmp_path, tmp_path / "exports", subject, dict(comp.unet.config), base_weights)
     lora = load_file(str(out))
     parts = {"unet": comp.unet, "text_encoder": comp.text_encoder} | ({"text_encoder_2": comp.text_encoder_2}
                                                                          if comp.xl else {})  # fmt: skip
@@ -224,7 +253,7 @@ def test_ui_export_rebuilds_the_weight_peft_trained(ref, adapter, rank, tmp_path
     base = load_components(ref)
     plain = {p: getattr(base, p) for p in parts}
     key_map = _comfyui_key_map(plain, comp.xl)
-    comfy = {"lora": (".lora_up.weight", ".lora_down.weight"),
+    comfy = {"dora": (".lora_up.weight", ".lora_down.weight", ".dora_scale"),
              "loha": tuple(f".hada_{k}" for k in ("w1_a", "w1_b", "w2_a", "w2_b")),
              "lokr": tuple(f".lokr_{k}" for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"))}[adapter]  # fmt: skip
     loaded = {f"{x}{s}" for x in key_map for s in (*comfy, ".alpha") if f"{x}{s}" in lora}
@@ -235,7 +264,7 @@ def test_ui_export_rebuilds_the_weight_peft_trained(ref, adapter, rank, tmp_path
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(meta["ss_network_args"])["algo"] == adapter
+    assert json.loads(meta["ss_network_args"]) == exports.LYCORIS_ARGS[adapter]
     # the alpha the modules carry: the trained 3.0, or r where LoKr's full factors hold α / r in lokr_w2 (when
     # every module has full factors, the metadata says r too; mixed, it keeps the trained α)
     alphas = {lora[k].item() for k in lora if k.endswith(".alpha")}
@@ -268,17 +297,78 @@ def test_adapter_is_checked_against_the_method(tmp_path):
         load(adapter="dora", method="full")
 
 
-def test_dora_writes_no_ui_export_and_says_why(tmp_path, caplog):
-    """PEFT's DoRA magnitude normalises by the merged weight's rows; ComfyUI/Forge divide by the base weight's and
-    A1111 reads the other axis, so an exported ``dora_scale`` would load with wrong weights: no file, a warning, and
-    ``posebooth export``'s converter refuses it."""
-    comp, t, trainable = _setup("embedded:tiny-sd15", "dora")
-    _randomise(trainable)
+def test_dora_export_is_exact_in_comfyui_on_conv_layers_and_found_from_the_provenance(tmp_path, caplog):
+    """A DoRA on attention and conv layers (magnitude (1, out, 1, 1)): the weight ComfyUI/Forge rebuild is the
+    one PEFT merges; A1111's input-axis formula would not rebuild it (hence the warning); ``posebooth export``
+    (no models at hand) loads the base named in provenance.json and writes the same file; without base weights
+    the converter says what it needs."""
+    import copy
+
+    ref = "embedded:tiny-sd15"
+    comp = load_components(ref)
+    t = SimpleNamespace(rank=2, alpha=3.0, target_modules=[*TARGETS, "conv1", "conv2"], adapter="dora",
+                        train_text_encoder=False, lr=1e-2, text_encoder_lr=1e-2)  # fmt: skip
+    _randomise(methods.setup("lora", comp, t, "sks", "robot"))
     methods.save("lora", comp, tmp_path, t, "sks")
-    subject = exports.Subject("sks", "robot", "lora", "embedded:tiny-sd15", False, 32)
+    subject = exports.Subject("sks", "robot", "lora", ref, False, 32)
     with caplog.at_level("WARNING"):
-        assert exports.write_stage1(tmp_path, tmp_path / "exports", subject, dict(comp.unet.config)) == []
-    assert "train.adapter: dora has no AUTOMATIC1111/ComfyUI export" in caplog.text
+        (out,) = exports.write_stage1(tmp_path, tmp_path / "exports", subject, dict(comp.unet.config),
+                                      exports.base_weights_of(comp))  # fmt: skip
+    assert "is a DoRA: ComfyUI and Forge load it exactly" in caplog.text and "AUTOMATIC1111" in caplog.text
+    lora = load_file(str(out))
+    convs, a1111_off = 0, []
+    for module_name, module in _adapted(comp.unet).items():
+        name = exports.kohya_module_name("unet", module_name, dict(comp.unet.config), False)
+        weight = module.get_base_layer().weight.detach()
+        merged = copy.deepcopy(module)
+        merged.merge()  # PEFT's own merged DoRA weight: m · M / ‖M‖ per output row
+        want = merged.get_base_layer().weight.detach()
+        assert lora[f"{name}.dora_scale"].shape == (weight.shape[0], *[1] * (weight.dim() - 1)), name
+        assert torch.allclose(_ui_weight(lora, name, weight), want, atol=1e-5, rtol=1e-4), name
+        a1111_off.append((_ui_weight(lora, name, weight, _a1111_weight_decompose) - want).abs().max().item())
+        convs += weight.dim() == 4
+    assert convs >= 4 and min(a1111_off) > 1e-3  # A1111 would load every module with other weights
+
+    (tmp_path / "provenance.json").write_text(json.dumps({"params": {"common": {"model": ref}}}))
+    (again,) = exports.write_stage1(tmp_path, tmp_path / "again", subject, dict(comp.unet.config))
+    assert again.read_bytes() == out.read_bytes()
+    # stage 2's continued UNet DoRA (here unchanged): the same dora_scale in the _pose file
+    from diffusers import ControlNetModel
+
+    from posebooth.lora import save_unet_lora
+
+    save_unet_lora(comp.unet, tmp_path / "stage2" / "unet_lora")
+    controlnet = ControlNetModel.from_unet(load_components(ref).unet)
+    *_, pose = exports.write_stage2(tmp_path / "stage2", tmp_path, tmp_path / "pose", subject, dict(comp.unet.config),
+                                    controlnet=controlnet)  # fmt: skip
+    pose_lora = load_file(str(pose))
+    scales = [k for k in lora if k.endswith(".dora_scale")]
+    assert pose.name.endswith("_pose.safetensors") and all(torch.equal(pose_lora[k], lora[k]) for k in scales)
     state, config = exports.read_adapter(tmp_path)
-    with pytest.raises(ValueError, match="train.adapter: dora has no"):
+    with pytest.raises(ValueError, match="dora_scale depends on the base model's weights"):
         exports.kohya_lora(state, config, dict(comp.unet.config), False)
+
+
+def test_stage1_writes_the_dora_export_from_its_loaded_base(tmp_path, monkeypatch):
+    """One step of train_stage1_appearance with ``train.adapter: dora``: its exports/ file carries a
+    ``dora_scale`` per module, from the base weights the stage has loaded (provenance.json is written after
+    the exports), the bytes ``posebooth export`` writes again from the provenance."""
+    import sys
+
+    from posebooth import augment
+    from stages import train_stage1_appearance as stage
+    from tests.test_prior_batch import workspace
+
+    workspace(tmp_path, monkeypatch, "embedded:tiny-sd15", {"adapter": "dora"})
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["train"]["export_kohya"] = True  # (the workspace turns the exports off)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(augment, "face_boxes", lambda pixels: [None] * len(pixels))
+    monkeypatch.setattr(sys, "argv", ["train_stage1_appearance"])
+    stage.main()
+    (out,) = (tmp_path / "models/stage1/exports").glob("*.safetensors")
+    lora = load_file(str(out))
+    downs = [k for k in lora if k.endswith(".lora_down.weight")]
+    assert downs and all(k.replace(".lora_down.weight", ".dora_scale") in lora for k in downs)
+    (again,) = exports.write_all(tmp_path / "models/stage1", None, tmp_path / "again")
+    assert again.read_bytes() == out.read_bytes()
