@@ -20,11 +20,11 @@ def crop_views(
 
     ``pixels`` (N, 3, H, W) -> views (N, n + 1, 3, H, W), view 0 the image itself; ``boxes`` (a face box or
     None per image) follow their image into each view, clipped to the crop (None when outside it); and each
-    view's window (x, y, width) in its image (view 0: (0, 0, W)), from which SDXL's crop conditioning follows.
+    view's window (x, y, width, height) in its image (view 0: (0, 0, W, H)), from which SDXL's crop conditioning follows.
     """
     height, width = pixels.shape[-2:]
     views, view_boxes = [pixels], [[b] for b in boxes]
-    windows = [[(0, 0, width)] for _ in boxes]
+    windows = [[(0, 0, width, height)] for _ in boxes]
     for _ in range(n):
         fraction = min_scale + (1 - min_scale) * torch.rand(len(pixels), generator=generator)  # (N,)
         side_w, side_h = (fraction * width).round().clamp(min=1), (fraction * height).round().clamp(min=1)
@@ -38,7 +38,7 @@ def crop_views(
                 F.interpolate(crop, size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
             )
             view_boxes[i].append(_crop_box(boxes[i], x, y, sw, sh, width / sw, height / sh))
-            windows[i].append((x, y, sw))
+            windows[i].append((x, y, sw, sh))
         views.append(torch.stack(crops))
     return torch.stack(views, dim=1), view_boxes, windows
 

@@ -66,18 +66,19 @@ def time_ids(prepared: str | Path, names: list[str], resolution: int) -> torch.T
     """SDXL's time ids (N, 6) of the prepared images ``names`` as they are: (original height, width, crop top,
     left, target height, width), from what prepare_images recorded of each photo."""
     records = {r["name"]: r for r in read_json(Path(prepared) / "manifest.json")["images"]}
-    widths = [records[n].get("bucket", (resolution, resolution))[0] for n in names]
-    return view_time_ids(prepared, names, resolution, [[(0, 0, w)] for w in widths])[:, 0, 0]
+    sizes = [records[n].get("bucket", (resolution, resolution)) for n in names]
+    return view_time_ids(prepared, names, resolution, [[(0, 0, w, h)] for w, h in sizes])[:, 0, 0]
 
 
 def view_time_ids(
-    prepared: str | Path, names: list[str], resolution: int, windows: list[list[tuple[int, int, int]]]
+    prepared: str | Path, names: list[str], resolution: int, windows: list[list[tuple[int, int, int, int]]]
 ) -> torch.Tensor:
     """SDXL's time ids (N, K, 2, 6) of each training view of each prepared image, as it is and mirrored.
 
-    A view is a window (x, y, width) of the prepared image (``resolution`` square, or its bucket's size
-    (w, h)), of the image's aspect, resized to the image's size: in the photo resized to match, the crop's
-    top-left moves by the window's offset and everything scales by w / width. A mirrored view's crop is
+    A view is a window (x, y, width, height) of the prepared image (``resolution`` square, or its bucket's size
+    (w, h)), about of the image's aspect (each side rounded on its own), resized to the image's size: in the
+    photo resized to match, the crop's top-left moves by the window's offset, then scales by h / height down
+    and w / width across. A mirrored view's crop is
     measured in the mirrored photo, as SDXL's training scripts flip before they crop: left = (resized photo
     width) - left - w. The target size is the image's (h, w).
     """
@@ -91,10 +92,10 @@ def view_time_ids(
         box = record["crop_box"]
         target_w, target_h = record.get("bucket", (resolution, resolution))
         photo_width = width * target_w / (box[2] - box[0])  # the photo resized so that the crop is w wide
-        for k, (x, y, side) in enumerate(windows[i]):
-            zoom = target_w / side
-            view_top, view_left = (top + y) * zoom, (left + x) * zoom
-            mirrored_left = max(0.0, photo_width * zoom - view_left - target_w)
+        for k, (x, y, side_w, side_h) in enumerate(windows[i]):
+            zoom_x, zoom_y = target_w / side_w, target_h / side_h
+            view_top, view_left = (top + y) * zoom_y, (left + x) * zoom_x
+            mirrored_left = max(0.0, photo_width * zoom_x - view_left - target_w)
             for f, crop_left in enumerate((view_left, mirrored_left)):
                 out[i, k, f] = torch.tensor([height, width, round(view_top), round(crop_left), target_h, target_w])
     return out

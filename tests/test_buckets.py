@@ -106,10 +106,10 @@ def test_zoomed_views_of_a_bucket_keep_its_aspect_and_the_face_box_follows():
     pixels = -torch.ones(1, 3, 80, 48)  # (N, 3, h, w) of the 48 x 80 bucket, a white box on black
     pixels[:, :, 30:50, 14:34] = 1.0
     views, boxes, windows = augment.crop_views(pixels, [(14, 30, 34, 50)], 5, 0.6, torch.Generator().manual_seed(3))
-    assert views.shape == (1, 6, 3, 80, 48) and windows[0][0] == (0, 0, 48)
+    assert views.shape == (1, 6, 3, 80, 48) and windows[0][0] == (0, 0, 48, 80)
     for k in range(1, 6):
-        x, y, side = windows[0][k]
-        assert 0.6 * 48 - 1 <= side <= 48 and x + side <= 48 and y + round(side * 80 / 48) <= 80
+        x, y, side, side_h = windows[0][k]
+        assert 0.6 * 48 - 1 <= side <= 48 and x + side <= 48 and y + side_h <= 80 and abs(side_h - side * 80 / 48) <= 1
         white = (views[0, k, 0] > 0).nonzero()
         if boxes[0][k] is None:
             assert len(white) == 0
@@ -170,10 +170,10 @@ def test_prepare_crops_each_photo_to_its_bucket_and_the_keypoints_follow(tmp_pat
     ids = data.time_ids(data_dir, names, SIZE)  # (N, 6): original (h, w), crop (top, left), target (h, w)
     expected = {"portrait.png": [400, 300, 0, 6, 80, 48], "landscape.png": [300, 400, 6, 0, 48, 80]}
     assert ids.tolist() == [expected[k.source.name] for k in kept]
-    # a zoomed view (stage 1's random_crops) of the portrait: its 24 px wide window at (0, 8), zoom 2, in the
+    # a zoomed view (stage 1's random_crops) of the portrait: its 24 x 40 px window at (0, 8), zoom 2, in the
     # photo resized to 60 px wide (the crop is 48): top (0 + 8) x 2, left (6 + 0) x 2, mirrored 120 - 12 - 48
     portrait_name = by_source["portrait.png"].name
-    views = data.view_time_ids(data_dir, [portrait_name], SIZE, [[(0, 0, 48), (0, 8, 24)]])  # (1, 2, 2, 6)
+    views = data.view_time_ids(data_dir, [portrait_name], SIZE, [[(0, 0, 48, 80), (0, 8, 24, 40)]])  # (1, 2, 2, 6)
     assert views[0, 1].tolist() == [[400, 300, 16, 12, 80, 48], [400, 300, 16, 60, 80, 48]]
     assert views[0, 0, 0].tolist() == expected["portrait.png"]
     saved = load_pose(data_dir / "keypoints" / f"{portrait_name}.json")

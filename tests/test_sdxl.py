@@ -228,13 +228,15 @@ def test_time_ids_of_zoomed_and_mirrored_views(tmp_path):
     Image.new("RGB", (300, 200), (90, 40, 20)).save(photos / "a.png")
     kept, _ = prepare_folder(photos, SIZE, 1, crop="centre")
     outputs.write_json(tmp_path / "manifest.json", {"images": [kept[0].record]})
-    windows = [[(0, 0, SIZE), (0, 8, 16)]]  # the image; its 16 px window at x 0, y 8 (zoom 2)
+    # the image; its 16 px window at x 0, y 8 (zoom 2); one 16 wide and 15 high (sides rounded on their own)
+    windows = [[(0, 0, SIZE, SIZE), (0, 8, 16, 16), (0, 8, 16, 15)]]
     ids = data.view_time_ids(tmp_path, [kept[0].record["name"]], SIZE, windows)
-    assert ids.shape == (1, 2, 2, 6)
+    assert ids.shape == (1, 3, 2, 6)
     assert ids[0, 0, 0].tolist() == [200, 300, 0, 8, 32, 32]
     assert ids[0, 0, 1].tolist() == [200, 300, 0, 8, 32, 32]  # a centred crop mirrors onto itself
     assert ids[0, 1, 0].tolist() == [200, 300, 16, 16, 32, 32]  # (0 + 8) x 2, (8 + 0) x 2
     assert ids[0, 1, 1].tolist() == [200, 300, 16, 48, 32, 32]  # 96 px wide at zoom 2: 96 - 16 - 32
+    assert ids[0, 2, 0].tolist() == [200, 300, 17, 16, 32, 32]  # down at zoom 32 / 15: 8 x 2.13 = 17.1
     assert torch.equal(ids[:, 0, 0], data.time_ids(tmp_path, [kept[0].record["name"]], SIZE))
 
 
