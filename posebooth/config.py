@@ -361,7 +361,7 @@ def _cross_checks(cfg: Config) -> None:
         if len(color) != 3 or not all(0 <= v <= 255 for v in color):
             raise ConfigError(f"prepare_images.pad_color: {color!r} must be three integers in [0, 255] (R, G, B)")
         step = cfg.prepare_images.bucket_step
-        if step % LATENT_DOWNSAMPLING:
+        if cfg.prepare_images.buckets and step % LATENT_DOWNSAMPLING:  # (unused without buckets)
             raise ConfigError(
                 f"prepare_images.bucket_step: {step} must be a multiple of {LATENT_DOWNSAMPLING} (the VAE's "
                 "downsampling in SD 1.5 and SDXL: a bucket's sides must map to whole latent cells); 64 is usual"

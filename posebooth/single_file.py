@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,13 @@ def load_pickle(path: Path) -> dict:
 
 def shapes(ref: str) -> dict[str, list[int]]:
     """Every tensor's name and shape in the checkpoint file ``ref`` (a ``.safetensors`` header, or a pickle read
-    with ``weights_only=True``)."""
+    with ``weights_only=True``). A pickle is read whole to know them, and a stage asks several times (the params
+    check, the architecture, the loading): they are kept in the posebooth cache as ``fingerprint``'s digests."""
     path = _existing(ref)
     if path.suffix.lower() in SAFE_SUFFIXES:
         return safetensors_header(path)
-    return {k: list(v.shape) for k, v in load_pickle(path).items()}
+    return json.loads(_cached(path, "file-shapes", lambda: json.dumps(
+        {k: list(v.shape) for k, v in load_pickle(path).items()}, sort_keys=True)))  # fmt: skip
 
 
 def detect(keys: dict[str, list[int]], ref: str = "") -> str:
@@ -245,22 +248,33 @@ def fingerprint(ref: str) -> str:
     cache under the file's path, size and modification time (as A1111's ``cache.json`` keeps its hashes)."""
     import hashlib
 
-    from posebooth import embedded
-
     path = _existing(ref)
-    stat = path.stat()
-    where = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    cached = embedded.cache_root().parent / "file-hashes" / hashlib.sha256(where.encode()).hexdigest()[:32]
-    if cached.is_file():
-        digest = cached.read_text().strip()
-    else:
+
+    def digest() -> str:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
-        digest = h.hexdigest()
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(digest + "\n")
-        os.replace(tmp, cached)  # atomic: concurrent stages never read half a digest
-    return f"{path.name}@sha256:{digest[:16]}"
+        return h.hexdigest()
+
+    return f"{path.name}@sha256:{_cached(path, 'file-hashes', digest)[:16]}"
+
+
+def _cached(path: Path, kind: str, compute: Callable[[], str]) -> str:
+    """``compute()``, kept in the posebooth cache (``<cache>/<kind>/``) under the file's path, size and
+    modification time: a replaced or touched file is read again."""
+    import hashlib
+
+    from posebooth import embedded
+
+    stat = path.stat()
+    where = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cached = embedded.cache_root().parent / kind / hashlib.sha256(where.encode()).hexdigest()[:32]
+    if cached.is_file():
+        return cached.read_text().rstrip("\n")
+    value = compute()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, cached)  # atomic: concurrent stages never read half a value
+    return value

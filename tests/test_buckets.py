@@ -100,6 +100,9 @@ def test_bucket_step_must_be_a_multiple_of_the_latent_downsampling(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(config.ConfigError, match=r"prepare_images.bucket_step: 12 must be a multiple of 8"):
         config.load(["common", "prepare_images"], tmp_path / "params.yaml")
+    params["prepare_images"]["buckets"] = False  # without buckets the step is not used: no error
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert config.load(["common", "prepare_images"], tmp_path / "params.yaml").prepare_images.bucket_step == 12
 
 
 def test_zoomed_views_of_a_bucket_keep_its_aspect_and_the_face_box_follows():

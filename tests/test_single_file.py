@@ -184,16 +184,25 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-def test_a_ckpt_of_tensors_only_loads_like_the_safetensors(sd15_file, tmp_path):
-    """A .ckpt that ``torch.load(weights_only=True)`` reads (tensors under ``state_dict``, as LDM saved them)."""
+def test_a_ckpt_of_tensors_only_loads_like_the_safetensors(sd15_file, tmp_path, monkeypatch):
+    """A .ckpt that ``torch.load(weights_only=True)`` reads (tensors under ``state_dict``, as LDM saved them); its
+    keys are read once (then from the cache), and again once the file changes."""
     from safetensors.torch import load_file
 
+    reads = []
+    real = single_file.load_pickle
+    monkeypatch.setattr(single_file, "load_pickle", lambda p: reads.append(p) or real(p))
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(sd15_file)), "global_step": 470000}, path)
     assert single_file.kind(str(path)) == "sd15"
     assert_same_weights(
         load_components(str(path), model_config="embedded:tiny-sd15"), load_components("embedded:tiny-sd15")
     )
+    assert len(reads) == 1 and single_file.kind(str(path)) == "sd15" and len(reads) == 1
+    state = load_file(str(sd15_file))
+    del state["model.diffusion_model.input_blocks.0.0.weight"]
+    torch.save({"state_dict": state}, path)  # replaced: read again (and now it lacks the UNet's first conv)
+    assert "model.diffusion_model.input_blocks.0.0.weight" not in single_file.shapes(str(path)) and len(reads) == 2
 
 
 def test_a_file_without_a_vae_takes_common_vae(sd15_file, tiny_sd, tmp_path):
