@@ -20,6 +20,7 @@ from posebooth.poses import load_pose
 from posebooth.prepare import choose_box, prepare_folder, write_prepared
 from tests.conftest import ROOT
 from tests.profile import apply_profile
+from tests.test_prior_batch import prepare_in, write_class_manifest
 
 SIZE, STEP = 64, 16  # buckets of area 64²: (48, 80), (64, 64), (80, 48)
 B = 2
@@ -222,8 +223,6 @@ def test_without_buckets_the_photos_are_the_old_squares(tmp_path):
 def _workspace(tmp_path, monkeypatch, model: str) -> dict:
     """The current directory: params.yaml (test profile at 64 px in buckets of step 16), two portrait and two
     landscape photos with keypoints, prepared; three square class images, the first two with a pose."""
-    from stages import prepare_images
-
     photos = tmp_path / "data" / "subject"
     photos.mkdir(parents=True)
     for k in range(2):
@@ -239,10 +238,7 @@ def _workspace(tmp_path, monkeypatch, model: str) -> dict:
     xl = "xl" in model
     params["train_pose"].update(steps=3, batch_size=B, checkpoint_every=0, export=False, empty_prompt_prob=0.0,
                                 controlnet=f"embedded:tiny-{'sdxl' if xl else 'sd15'}-openpose")  # fmt: skip
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["prepare_images"])
-    prepare_images.main()
+    prepare_in(tmp_path, monkeypatch, params)
     priors = tmp_path / "data" / "class_priors"
     (priors / "images").mkdir(parents=True)
     (priors / "keypoints").mkdir()
@@ -252,8 +248,7 @@ def _workspace(tmp_path, monkeypatch, model: str) -> dict:
             shutil.move(priors / "images" / f"class_{k:04d}.json", priors / "keypoints" / f"class_{k:04d}.json")
         else:
             (priors / "images" / f"class_{k:04d}.json").unlink()
-    records = [{"file": f"images/class_{k:04d}.png", "seed": k} for k in range(3)]
-    (priors / "manifest.json").write_text(json.dumps({"images": records}))
+    write_class_manifest(priors, 3)
     return params
 
 

@@ -87,25 +87,35 @@ def test_lambda_scales_the_prior_term_and_the_loss_map_weights_the_instance_half
 def workspace(tmp_path, monkeypatch, model: str, train: dict) -> dict:
     """The current directory: params.yaml (test profile, one step of ``B`` + ``B``), data/prepared (the embedded
     subject's photos) and data/class_priors (three hand-made class images); returns the params."""
-    from stages import prepare_images
-
     shutil.copytree(ROOT / "data" / "subject", tmp_path / "data" / "subject")
     params = apply_profile(yaml.safe_load((ROOT / "params.yaml").read_text()))
     params["common"]["model"] = model
     params["train"].update(steps=1, lr_warmup_steps=0, batch_size=B, prior_loss_weight=LAMBDA, flip_prob=0.0,
                            face_loss_weight=FACE_WEIGHT, validation_every=0, checkpoint_every=0, export_kohya=False,
                            **train)  # fmt: skip
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["prepare_images"])
-    prepare_images.main()
+    prepare_in(tmp_path, monkeypatch, params)
     priors = tmp_path / "data" / "class_priors"
     (priors / "images").mkdir(parents=True)
     for k in range(3):
         Image.new("RGB", (SIZE, SIZE), (40 * k, 90, 200)).save(priors / "images" / f"class_{k:04d}.png")
-    records = [{"file": f"images/class_{k:04d}.png", "seed": k} for k in range(3)]
-    (priors / "manifest.json").write_text(json.dumps({"images": records}))
+    write_class_manifest(priors, 3)
     return params
+
+
+def prepare_in(tmp_path, monkeypatch, params: dict) -> None:
+    """``params`` written to tmp_path/params.yaml, tmp_path made the current directory, prepare_images run."""
+    from stages import prepare_images
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["prepare_images"])
+    prepare_images.main()
+
+
+def write_class_manifest(priors, n: int) -> None:
+    """The manifest of ``n`` class images ``images/class_0000.png``... that a test drew into ``priors``."""
+    records = [{"file": f"images/class_{k:04d}.png", "seed": k} for k in range(n)]
+    (priors / "manifest.json").write_text(json.dumps({"images": records}))
 
 
 class Spy:
