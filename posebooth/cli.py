@@ -223,7 +223,7 @@ def _export(args: argparse.Namespace) -> None:
     from posebooth import exports
 
     stage2 = Path(args.stage2) if Path(args.stage2).is_dir() else None
-    for path in exports.write_all(Path(args.stage1), stage2, Path(args.out)):
+    for path in exports.write_all(Path(args.stage1), stage2, Path(args.out), args.full_diff):
         print(path)
 
 
@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--stage1", default="models/stage1")
     e.add_argument("--stage2", default="models/stage2", help="skipped when the folder does not exist")
     e.add_argument("--out", default="exports", help="folder to write the files into")
+    e.add_argument("--full-diff", action="store_true",
+                   help="each LoRA or DoRA also as full weight diffs, <name>_diff.safetensors: exact in every UI "
+                        "(a DoRA in AUTOMATIC1111 needs it), as large as the adapted layers")  # fmt: skip
     e.set_defaults(func=_export)
     w = sub.add_parser("world", help="the procedural world the embedded default model is pretrained on")
     wsub = w.add_subparsers(dest="world_command", required=True)

@@ -196,6 +196,7 @@ LYCORIS_ARGS = {
     "dora": {"algo": "lora", "dora_wd": True, "wd_on_out": True},  # LyCORIS's DoRA: a LoRA with weight decomposition
     "loha": {"algo": "loha"},
     "lokr": {"algo": "lokr"},
+    "full": {"algo": "full"},  # full diffs (W' − W per module; ``full_diffs``)
 }
 
 
@@ -307,7 +308,8 @@ DORA_NEEDS_BASE = (
 )
 DORA_UI_NOTE = (
     "export: %s is a DoRA: ComfyUI and Forge load it exactly (their output-axis DoRA); AUTOMATIC1111 reads only "
-    "input-axis DoRA and would load it with wrong weights (for A1111, train train.adapter: lora, loha or lokr)"
+    "input-axis DoRA and would load it with wrong weights: for A1111, `posebooth export --full-diff` writes it as "
+    "full weight diffs (large), or train train.adapter: lora, loha or lokr"
 )
 
 
@@ -366,6 +368,50 @@ def saved_adapter_kind(folder: Path) -> str:
     return adapter_kind(config["unet"] if "unet" in config else next(iter(config.values())))
 
 
+def _modules(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """A saved adapter's tensors grouped by (part, module): ``down``, ``up``, ``magnitude`` or LyCORIS's names."""
+    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, weight in state.items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            raise ValueError(
+                f"{key}: not a key the UI export converts (LoRA, LoHa or LoKr weights of the UNet or a text encoder; "
+                "LoHa/LoKr with Tucker or effective-conv factors, hada_t1/lokr_t1, have no export)"
+            )
+        if m["magnitude"]:
+            param = "magnitude"
+        elif m["lycoris"]:
+            param = m["lycoris"]
+        else:
+            param = "down" if (m["a"] or m["b"] or {"A": "down", "B": "up"}[m["c"]]) == "down" else "up"
+        modules.setdefault((m["part"], m["module"]), {})[param] = weight
+    return modules
+
+
+def full_diffs(
+    state: dict[str, torch.Tensor], config: dict[str, dict], unet_config: dict, xl: bool, base: BaseWeights
+) -> dict[str, torch.Tensor]:
+    """LyCORIS's "full" layout of a LoRA or DoRA: ``<module>.diff``, the change W' − W each module makes, in fp16.
+    AUTOMATIC1111 (``network_full.py``: no ``alpha``, so scale 1) and ComfyUI (``lora.py``: a ``diff`` patch) add
+    it to the weight times the strength: exact in both, whatever their DoRA formulas, the way to use a DoRA in
+    AUTOMATIC1111. As large as the adapted layers themselves (SD 1.5's attention: about 190 MB)."""
+    out: dict[str, torch.Tensor] = {}
+    for (part, module), w in _modules(state).items():
+        cfg = config.get(part, {})
+        kind = adapter_kind(cfg)
+        if kind not in ("lora", "dora"):
+            raise ValueError(f"{part}: full diffs are written for LoRA and DoRA; a {kind} exports exactly as it is")
+        alpha, rank = _alpha_and_rank(part, cfg)
+        weight = base(part, module).double()
+        delta = (w["up"].double().flatten(1) @ w["down"].double().flatten(1)).reshape(weight.shape) * (alpha / rank)
+        if kind == "dora":  # PEFT's merged weight m · M / ‖M‖ per output row, minus W
+            merged = weight + delta
+            scale = w["magnitude"].double().flatten() / merged.reshape(merged.shape[0], -1).norm(dim=1)
+            delta = scale.reshape(-1, *[1] * (weight.dim() - 1)) * merged - weight
+        out[f"{kohya_module_name(part, module, unet_config, xl)}.diff"] = delta.half()
+    return out
+
+
 def kohya_lora(
     state: dict[str, torch.Tensor],
     config: dict[str, dict],
@@ -387,23 +433,8 @@ def kohya_lora(
       always: with both factors full, PEFT's α / r goes into ``lokr_w2`` (and ``alpha`` is r, LyCORIS's
       value for "no scale").
     """
-    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, weight in state.items():
-        m = _LORA_KEY.match(key)
-        if not m:
-            raise ValueError(
-                f"{key}: not a key the UI export converts (LoRA, LoHa or LoKr weights of the UNet or a text encoder; "
-                "LoHa/LoKr with Tucker or effective-conv factors, hada_t1/lokr_t1, have no export)"
-            )
-        if m["magnitude"]:
-            param = "magnitude"
-        elif m["lycoris"]:
-            param = m["lycoris"]
-        else:
-            param = "down" if (m["a"] or m["b"] or {"A": "down", "B": "up"}[m["c"]]) == "down" else "up"
-        modules.setdefault((m["part"], m["module"]), {})[param] = weight
     out: dict[str, torch.Tensor] = {}
-    for (part, module), w in modules.items():
+    for (part, module), w in _modules(state).items():
         cfg = config.get(part, {})
         kind = adapter_kind(cfg)
         alpha, rank = _alpha_and_rank(part, cfg)
@@ -453,11 +484,13 @@ def export_kohya(
     subject: Subject,
     text_encoders_from: Path | None = None,
     base: BaseWeights | None = None,
+    full_diff: bool = False,
 ) -> Path:
     """Write the saved adapter ``diffusers_file`` (diffusers' LoRA file, or a folder: that file or ``peft/``) in
     kohya's / LyCORIS's layout, which AUTOMATIC1111/Forge and ComfyUI read, with its metadata.
     ``text_encoders_from``: another one whose text-encoder parts replace this one's (stage 2 continues only
-    the UNet LoRA of stage 1). ``base``: the base model's weights, which a DoRA's export needs."""
+    the UNet LoRA of stage 1). ``base``: the base model's weights, which a DoRA's export needs. ``full_diff``: write
+    ``full_diffs`` instead (a LoRA or DoRA)."""
     from safetensors.torch import load_file
 
     def read(path: Path):
@@ -469,9 +502,15 @@ def export_kohya(
         state = {k: v for k, v in state.items() if k.startswith("unet.")}
         state |= {k: v for k, v in te_state.items() if not k.startswith("unet.")}
         config |= {p: c for p, c in te_config.items() if p != "unet"}
-    kohya = kohya_lora(state, config, unet_config, subject.xl, base)
     cfg = config["unet"] if "unet" in config else next(iter(config.values()))
     kind = adapter_kind(cfg)
+    if full_diff:
+        if base is None:
+            raise ValueError(DORA_NEEDS_BASE.replace("the UI export's dora_scale", "a full diff"))
+        alpha, rank = _alpha_and_rank("unet", cfg)
+        diffs = full_diffs(state, config, unet_config, subject.xl, base)
+        return save_safetensors(diffs, out_file, lora_metadata(subject, rank, alpha, out_file.stem, "full"))
+    kohya = kohya_lora(state, config, unet_config, subject.xl, base)
     if kind == "lora":  # (as before DoRA, LoHa and LoKr: the same bytes for the same LoRA)
         rank = max(w.shape[0] for k, w in kohya.items() if k.endswith(".lora_down.weight"))
         alpha = cfg["lora_alpha"]
@@ -614,24 +653,35 @@ def subject_of(stage1: Path) -> Subject:
     return Subject.from_params(_stage1_params(stage1), xl)
 
 
-def write_all(stage1: Path, stage2: Path | None, out: Path) -> list[Path]:
+def write_all(stage1: Path, stage2: Path | None, out: Path, full_diff: bool = False) -> list[Path]:
     """Every UI export of the trained ``stage1`` (and ``stage2``, if given and trained) into ``out``: what
-    ``posebooth export`` writes."""
+    ``posebooth export`` writes (``full_diff``: each LoRA or DoRA also as ``<name>_diff.safetensors``)."""
     stage1 = Path(stage1)
     subject, unet_config = subject_of(stage1), unet_config_of(stage1)
-    base = base_weights_from_provenance(stage1)  # loaded only for a DoRA
-    written = write_stage1(stage1, out, subject, unet_config, base)
+    base = base_weights_from_provenance(stage1)  # loaded only for a DoRA or full diffs
+    written = write_stage1(stage1, out, subject, unet_config, base, full_diff)
     if stage2 is not None and (Path(stage2) / "provenance.json").exists():
-        written += write_stage2(Path(stage2), stage1, out, subject, unet_config, base=base)
+        written += write_stage2(Path(stage2), stage1, out, subject, unet_config, base=base, full_diff=full_diff)
+    return written
+
+
+def _with_full_diff(adapter: Path, out_file: Path, unet_config: dict, subject: Subject, te, base) -> list[Path]:
+    """The kohya/LyCORIS file, and beside it the ``full_diffs`` one (``<name>_diff``) of a LoRA or DoRA."""
+    written = [export_kohya(adapter, out_file, unet_config, subject, te, base)]
+    if saved_adapter_kind(adapter) in ("lora", "dora"):
+        diff_file = out_file.with_name(f"{out_file.stem}_diff.safetensors")
+        written.append(export_kohya(adapter, diff_file, unet_config, subject, te, base, full_diff=True))
     return written
 
 
 def write_stage1(
-    stage1: Path, out: Path, subject: Subject, unet_config: dict, base: BaseWeights | None = None
-) -> list[Path]:
+    stage1: Path, out: Path, subject: Subject, unet_config: dict, base: BaseWeights | None = None,
+    full_diff: bool = False,
+) -> list[Path]:  # fmt: skip
     """The UI exports of what stage 1 saved in ``stage1``: the kohya LoRA, the embedding, the checkpoint.
     (Custom Diffusion's weights have no UI format; only its embedding is exported.) ``base``: the base model's
-    weights, for a DoRA (``BaseWeights``; by default loaded from stage 1's provenance.json)."""
+    weights, for a DoRA (``BaseWeights``; by default loaded from stage 1's provenance.json). ``full_diff``: a LoRA
+    or DoRA also as ``full_diffs`` (``<name>_diff.safetensors``)."""
     from posebooth.lora import has_adapter
     from posebooth.methods import TI_FILE
 
@@ -639,9 +689,11 @@ def write_stage1(
     written = []
     if has_adapter(stage1):  # LoRA, DoRA (pytorch_lora_weights.safetensors), LoHa, LoKr (peft/)
         path = out / f"{subject.stem}.safetensors"
-        written.append(
-            export_kohya(stage1, path, unet_config, subject, base=base or base_weights_from_provenance(stage1))
-        )
+        base = base or base_weights_from_provenance(stage1)
+        if full_diff:
+            written += _with_full_diff(stage1, path, unet_config, subject, None, base)
+        else:
+            written.append(export_kohya(stage1, path, unet_config, subject, base=base))
         if saved_adapter_kind(stage1) == "dora":
             log.warning(DORA_UI_NOTE, path.name)
     if (stage1 / TI_FILE).exists():
@@ -655,11 +707,11 @@ def write_stage1(
 
 def write_stage2(
     stage2: Path, stage1: Path, out: Path, subject: Subject, unet_config: dict, controlnet=None,
-    base: BaseWeights | None = None,
+    base: BaseWeights | None = None, full_diff: bool = False,
 ):  # fmt: skip
     """The UI exports of stage 2: the ControlNet as one file (``controlnet``: the trained model if at hand,
     else loaded from ``stage2``) and the continued UNet LoRA (with stage 1's text-encoder LoRA, as
-    ``posebooth generate`` combines them; ``base`` as for ``write_stage1``)."""
+    ``posebooth generate`` combines them; ``base`` and ``full_diff`` as for ``write_stage1``)."""
     from posebooth.lora import has_adapter
 
     stage2, stage1, out = Path(stage2), Path(stage1), Path(out)  # the stage passes its arguments' strings
@@ -672,7 +724,10 @@ def write_stage2(
         te = stage1 if has_adapter(stage1) else None
         out_file = out / f"{subject.stem}_pose.safetensors"
         base = base or base_weights_from_provenance(stage1)
-        written.append(export_kohya(stage2 / "unet_lora", out_file, unet_config, subject, te, base))
+        if full_diff:
+            written += _with_full_diff(stage2 / "unet_lora", out_file, unet_config, subject, te, base)
+        else:
+            written.append(export_kohya(stage2 / "unet_lora", out_file, unet_config, subject, te, base))
         if saved_adapter_kind(stage2 / "unet_lora") == "dora":
             log.warning(DORA_UI_NOTE, out_file.name)
     for path in written:

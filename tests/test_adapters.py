@@ -329,9 +329,27 @@ def test_dora_export_is_exact_in_comfyui_on_conv_layers_and_found_from_the_prove
         convs += weight.dim() == 4
     assert convs >= 4 and min(a1111_off) > 1e-3  # A1111 would load every module with other weights
 
-    (tmp_path / "provenance.json").write_text(json.dumps({"params": {"common": {"model": ref}}}))
+    common = {"identifier": "sks", "class_noun": "robot", "model": ref, "resolution": 32}
+    (tmp_path / "provenance.json").write_text(json.dumps({"params": {"common": common, "train": {"method": "lora"}}}))
     (again,) = exports.write_stage1(tmp_path, tmp_path / "again", subject, dict(comp.unet.config))
     assert again.read_bytes() == out.read_bytes()
+    # `posebooth export --full-diff`: W' − W per module (fp16), which A1111 (network_full.py) and ComfyUI add as is
+    from posebooth import cli
+
+    cli.main(["export", "--stage1", str(tmp_path), "--stage2", str(tmp_path / "none"), "--out", str(tmp_path / "diff"),
+              "--full-diff"])  # fmt: skip
+    diffs = load_file(str(tmp_path / "diff" / f"{out.stem}_diff.safetensors"))
+    assert set(diffs) == {k.replace(".dora_scale", ".diff") for k in scales_of(lora)}
+    for module_name, module in _adapted(comp.unet).items():
+        name = exports.kohya_module_name("unet", module_name, dict(comp.unet.config), False)
+        merged = copy.deepcopy(module)
+        merged.merge()
+        weight, want = module.get_base_layer().weight.detach(), merged.get_base_layer().weight.detach()
+        assert diffs[name + ".diff"].dtype == torch.float16
+        assert torch.allclose(weight + diffs[name + ".diff"].float(), want, atol=2e-3), name
+    with safe_open(str(tmp_path / "diff" / f"{out.stem}_diff.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["ss_network_args"]) == {"algo": "full"}
+
     # stage 2's continued UNet DoRA (here unchanged): the same dora_scale in the _pose file
     from diffusers import ControlNetModel
 
@@ -342,11 +360,15 @@ def test_dora_export_is_exact_in_comfyui_on_conv_layers_and_found_from_the_prove
     *_, pose = exports.write_stage2(tmp_path / "stage2", tmp_path, tmp_path / "pose", subject, dict(comp.unet.config),
                                     controlnet=controlnet)  # fmt: skip
     pose_lora = load_file(str(pose))
-    scales = [k for k in lora if k.endswith(".dora_scale")]
+    scales = scales_of(lora)
     assert pose.name.endswith("_pose.safetensors") and all(torch.equal(pose_lora[k], lora[k]) for k in scales)
     state, config = exports.read_adapter(tmp_path)
     with pytest.raises(ValueError, match="dora_scale depends on the base model's weights"):
         exports.kohya_lora(state, config, dict(comp.unet.config), False)
+
+
+def scales_of(lora: dict) -> list[str]:
+    return [k for k in lora if k.endswith(".dora_scale")]
 
 
 def test_stage1_writes_the_dora_export_from_its_loaded_base(tmp_path, monkeypatch):
