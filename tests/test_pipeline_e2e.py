@@ -215,12 +215,21 @@ EXPERIMENTS = {
 
 
 def run_queue(root: Path, env: dict, timeout: float = 1800) -> str:
-    """`dvc queue start -j 2` in ``root``, then `dvc queue status` until no task is queued or running: its output."""
-    run(["dvc", "queue", "start", "-j", "2"], root, env)
+    """`dvc queue start -j 2` in ``root``, then `dvc queue status` until no task is queued or running: its output;
+    then `dvc queue stop`.
+
+    The workers are daemons that inherit `dvc queue start`'s stdout and stderr: not pipes of ours, or reading them
+    to their end waits for the last worker to exit. And a worker can outlive the empty queue: two workers writing
+    the filesystem broker's reply exchange at once can leave invalid JSON, which kills the monitor thread that
+    would end an idle worker (treeverse/dvc-task#73, treeverse/dvc#10428; seen here once in CI's slow tier, the
+    run then waited 30 minutes). So the test stops them itself, as the README tells users to."""
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=300)  # fmt: skip
     deadline = time.monotonic() + timeout
     while True:
         status = run(["dvc", "queue", "status"], root, env).stdout
         if "Queued" not in status and "Running" not in status:
+            run(["dvc", "queue", "stop"], root, env, check=False)  # (idle workers only: nothing is running)
             return status
         assert time.monotonic() < deadline, status
         time.sleep(5)  # each poll is a `dvc` start-up: leave the CPU to the workers
