@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -150,10 +151,17 @@ def under(key: str, paths: list[str]) -> bool:
     return any(key == p or key.startswith(p + "/") for p in paths)
 
 
+def _default_sigint() -> None:
+    """In the child before it starts: Ctrl-C's default. A shell starts background jobs (`make test-all &`) with
+    SIGINT ignored, and Python then never turns it into KeyboardInterrupt, so an ``=INT`` failpoint would not stop
+    the stage (a local slow-tier run saw exit 0 where Ctrl-C gives 130)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_stage(ws: Path, env: dict, stage: str, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
     env = dict(env, **({"POSEBOOTH_FAILPOINT": failpoint} if failpoint else {}))
     return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=ws, env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+                          text=True, timeout=900, preexec_fn=_default_sigint)  # fmt: skip
 
 
 def digests(ws: Path, paths: list[str]) -> dict[str, str]:
