@@ -193,7 +193,9 @@ def modelspec(s: Subject, kind: str, title: str, implementation: str) -> dict[st
 
 # LyCORIS's network args (``lycoris/kohya.py`` ``create_network``) as sd-scripts records them in ``ss_network_args``
 LYCORIS_ARGS = {
-    "dora": {"algo": "lora", "dora_wd": True, "wd_on_out": True},  # LyCORIS's DoRA: a LoRA with weight decomposition
+    # a DoRA: LyCORIS's LoRA with weight decomposition on the output axis (create_network's dora_wd, wd_on_output;
+    # sd-scripts records --network_args values as the strings given)
+    "dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"},
     "loha": {"algo": "loha"},
     "lokr": {"algo": "lokr"},
     "full": {"algo": "full"},  # full diffs (W' − W per module; ``full_diffs``)
@@ -296,25 +298,28 @@ def _alpha_and_rank(part: str, cfg: dict) -> tuple[float, int]:
 
 
 # PEFT's DoRA magnitude m rescales each output row of the merged weight M = W + (α/r)·B·A to norm m (LyCORIS's
-# wd_on_out). ComfyUI and Forge (comfy/weight_adapter/base.py weight_decompose, when dora_scale.shape[0] is the
-# weight's output size) compute W + (α/r)·up·down and multiply each row by dora_scale / ‖W_row‖, the row norm of
-# the *base* weight W. So the file carries dora_scale = m·‖W_row‖/‖M_row‖, shaped (out, 1, ...) like the weight:
-# those UIs then rebuild m·M/‖M‖ exactly (up to the eps of the weight's dtype they add to ‖W_row‖).
-# AUTOMATIC1111 (extensions-builtin/Lora network.py apply_weight_decompose), and ComfyUI before it checked the
-# axis, read only input-axis scales (one per input column): no file can carry PEFT's per-row magnitude to them.
-DORA_NEEDS_BASE = (
-    "train.adapter: dora: the UI export's dora_scale depends on the base model's weights; pass them (the stages "
-    "do, and `posebooth export` loads the base model named in the stage's provenance.json)"
+# wd_on_output, whose own dora_scale is m itself). ComfyUI and Forge (comfy/weight_adapter/base.py weight_decompose
+# as of ComfyUI v0.3.77, when dora_scale.shape[0] is the weight's output size) compute W + (α/r)·up·down and
+# multiply each row by dora_scale / ‖W_row‖, the row norm of the *base* weight W, not of M. So the file carries
+# what those UIs need, dora_scale = m·‖W_row‖/‖M_row‖, shaped (out, 1, ...) like the weight: they rebuild m·M/‖M‖
+# exactly. A loader with LyCORIS's semantics (LyCORIS itself; ComfyUI if its open PR 15458 lands) would scale each
+# row by ‖W_row‖/‖M_row‖ more (on the world model's DoRA: 1.8 % on average, 30 % at most). AUTOMATIC1111
+# (extensions-builtin/Lora network.py apply_weight_decompose), and ComfyUI before it checked the axis, read only
+# input-axis scales (one per input column): no file can carry PEFT's per-row magnitude to them. What every UI
+# adds exactly, whatever its DoRA formula, is the full diff W' − W (``full_diffs``).
+NEEDS_BASE = (
+    "{what} depends on the base model's weights; pass them (the stages do, and `posebooth export` loads the base "
+    "model named in the stage's provenance.json)"
 )
 DORA_UI_NOTE = (
-    "export: %s is a DoRA: ComfyUI and Forge load it exactly (their output-axis DoRA); AUTOMATIC1111 reads only "
-    "input-axis DoRA and would load it with wrong weights: for A1111, `posebooth export --full-diff` writes it as "
-    "full weight diffs (large), or train train.adapter: lora, loha or lokr"
+    "export: %s is a DoRA for ComfyUI and Forge (their output-axis DoRA as of ComfyUI v0.3.77: exact there); "
+    "AUTOMATIC1111 reads only input-axis DoRA and would load it with wrong weights: `posebooth export --full-diff` "
+    "writes a <name>_diff file (full weight diffs, large) that every UI loads exactly; or train train.adapter: lora"
 )
 
 
 def dora_scale(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, magnitude: torch.Tensor, scale: float):
-    """LyCORIS's output-axis ``dora_scale`` (out, 1, ...) that makes ComfyUI/Forge rebuild PEFT's DoRA weight
+    """The output-axis ``dora_scale`` (out, 1, ...) that makes ComfyUI/Forge rebuild PEFT's DoRA weight
     m·M/‖M‖ per output row, M = W + scale·up·down (``scale`` = α/r): m·‖W‖/‖M‖ per row (see above). ``weight``
     is the base model's (out, in) or (out, in, kh, kw) weight; ``magnitude`` PEFT's ``lora_magnitude_vector``
     (out,) or, for a conv layer, (1, out, 1, 1)."""
@@ -368,7 +373,7 @@ def saved_adapter_kind(folder: Path) -> str:
     return adapter_kind(config["unet"] if "unet" in config else next(iter(config.values())))
 
 
-def _modules(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+def adapter_modules(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
     """A saved adapter's tensors grouped by (part, module): ``down``, ``up``, ``magnitude`` or LyCORIS's names."""
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, weight in state.items():
@@ -396,7 +401,7 @@ def full_diffs(
     it to the weight times the strength: exact in both, whatever their DoRA formulas, the way to use a DoRA in
     AUTOMATIC1111. As large as the adapted layers themselves (SD 1.5's attention: about 190 MB)."""
     out: dict[str, torch.Tensor] = {}
-    for (part, module), w in _modules(state).items():
+    for (part, module), w in adapter_modules(state).items():
         cfg = config.get(part, {})
         kind = adapter_kind(cfg)
         if kind not in ("lora", "dora"):
@@ -434,7 +439,7 @@ def kohya_lora(
       value for "no scale").
     """
     out: dict[str, torch.Tensor] = {}
-    for (part, module), w in _modules(state).items():
+    for (part, module), w in adapter_modules(state).items():
         cfg = config.get(part, {})
         kind = adapter_kind(cfg)
         alpha, rank = _alpha_and_rank(part, cfg)
@@ -443,7 +448,7 @@ def kohya_lora(
             out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = w["down"], w["up"]
         if kind == "dora":
             if base is None:
-                raise ValueError(DORA_NEEDS_BASE)
+                raise ValueError(NEEDS_BASE.format(what="train.adapter: dora: the UI export's dora_scale"))
             out[f"{name}.dora_scale"] = dora_scale(base(part, module), w["down"], w["up"], w["magnitude"], alpha / rank)
         if kind == "loha":
             out |= {f"{name}.{k}": w[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
@@ -506,7 +511,7 @@ def export_kohya(
     kind = adapter_kind(cfg)
     if full_diff:
         if base is None:
-            raise ValueError(DORA_NEEDS_BASE.replace("the UI export's dora_scale", "a full diff"))
+            raise ValueError(NEEDS_BASE.format(what="a full diff (W' − W)"))
         alpha, rank = _alpha_and_rank("unet", cfg)
         diffs = full_diffs(state, config, unet_config, subject.xl, base)
         return save_safetensors(diffs, out_file, lora_metadata(subject, rank, alpha, out_file.stem, "full"))

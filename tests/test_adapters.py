@@ -264,7 +264,9 @@ def test_ui_export_rebuilds_the_weight_peft_trained(ref, adapter, rank, tmp_path
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(meta["ss_network_args"]) == exports.LYCORIS_ARGS[adapter]
+    assert json.loads(meta["ss_network_args"]) == {  # as sd-scripts records LyCORIS's --network_args
+        "dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}, "loha": {"algo": "loha"},
+        "lokr": {"algo": "lokr"}}[adapter]  # fmt: skip
     # the alpha the modules carry: the trained 3.0, or r where LoKr's full factors hold α / r in lokr_w2 (when
     # every module has full factors, the metadata says r too; mixed, it keeps the trained α)
     alphas = {lora[k].item() for k in lora if k.endswith(".alpha")}
@@ -314,7 +316,7 @@ def test_dora_export_is_exact_in_comfyui_on_conv_layers_and_found_from_the_prove
     with caplog.at_level("WARNING"):
         (out,) = exports.write_stage1(tmp_path, tmp_path / "exports", subject, dict(comp.unet.config),
                                       exports.base_weights_of(comp))  # fmt: skip
-    assert "is a DoRA: ComfyUI and Forge load it exactly" in caplog.text and "AUTOMATIC1111" in caplog.text
+    assert "is a DoRA for ComfyUI and Forge" in caplog.text and "AUTOMATIC1111" in caplog.text
     lora = load_file(str(out))
     convs, a1111_off = 0, []
     for module_name, module in _adapted(comp.unet).items():
@@ -363,7 +365,7 @@ def test_dora_export_is_exact_in_comfyui_on_conv_layers_and_found_from_the_prove
     scales = scales_of(lora)
     assert pose.name.endswith("_pose.safetensors") and all(torch.equal(pose_lora[k], lora[k]) for k in scales)
     state, config = exports.read_adapter(tmp_path)
-    with pytest.raises(ValueError, match="dora_scale depends on the base model's weights"):
+    with pytest.raises(ValueError, match="dora: the UI export's dora_scale depends on the base model's weights"):
         exports.kohya_lora(state, config, dict(comp.unet.config), False)
 
 

@@ -103,3 +103,29 @@ def test_world_ceiling_leaves_each_photo_out_of_its_references():
     assert torch.allclose(ceiling.leave_one_out(basis, basis), torch.zeros(4))
     near = basis + 0.5 * torch.roll(basis, 1, dims=0)  # query i leans towards reference i - 1 only
     assert torch.allclose(ceiling.leave_one_out(near, basis), torch.full((4,), (1 / 5**0.5) / 3))
+
+
+def test_dora_row_scale_measures_each_output_row(tmp_path):
+    """benchmarks/dora_row_scale.py on a tiny-model DoRA: one ratio per output row of every adapted module (a
+    column-wise norm would count input columns), all 1 while the low-rank part is zero, not once it is trained."""
+    import json
+
+    from posebooth import methods
+    from tests.test_adapters import _adapted, _randomise, _setup
+
+    comp, t, trainable = _setup("embedded:tiny-sd15", "dora")
+    common = {"identifier": "sks", "class_noun": "robot", "model": "embedded:tiny-sd15", "resolution": 32}
+    rows = sum(
+        m.get_base_layer().weight.shape[0]
+        for p in ("unet", "text_encoder")
+        for m in _adapted(getattr(comp, p)).values()
+    )
+    for folder, trained in ((tmp_path / "fresh", False), (tmp_path / "trained", True)):
+        if trained:
+            _randomise(trainable)
+        methods.save("lora", comp, folder, t, "sks")
+        (folder / "provenance.json").write_text(json.dumps({"params": {"common": common}}))
+        out = _run("benchmarks/dora_row_scale.py", str(folder)).split()
+        assert out[:2] == ["rows", str(rows)]
+        mean, low, high = (float(out[out.index(k) + 1]) for k in ("mean", "min", "max"))
+        assert (mean, low, high) == (1.0, 1.0, 1.0) if not trained else high > 1.01
