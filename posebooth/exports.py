@@ -394,12 +394,13 @@ def adapter_modules(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], dic
 
 
 def full_diffs(
-    state: dict[str, torch.Tensor], config: dict[str, dict], unet_config: dict, xl: bool, base: BaseWeights
+    state: dict[str, torch.Tensor], config: dict[str, dict], unet_config: dict, xl: bool, base: BaseWeights | None
 ) -> dict[str, torch.Tensor]:
     """LyCORIS's "full" layout of a LoRA or DoRA: ``<module>.diff``, the change W' − W each module makes, in fp16.
     AUTOMATIC1111 (``network_full.py``: no ``alpha``, so scale 1) and ComfyUI (``lora.py``: a ``diff`` patch) add
     it to the weight times the strength: exact in both, whatever their DoRA formulas, the way to use a DoRA in
-    AUTOMATIC1111. As large as the adapted layers themselves (SD 1.5's attention: about 190 MB)."""
+    AUTOMATIC1111. As large as the adapted layers themselves (SD 1.5's attention: about 190 MB). ``base`` (the base
+    weights) is read for a DoRA only: a LoRA's diff is its own (α/r)·up·down."""
     out: dict[str, torch.Tensor] = {}
     for (part, module), w in adapter_modules(state).items():
         cfg = config.get(part, {})
@@ -407,9 +408,12 @@ def full_diffs(
         if kind not in ("lora", "dora"):
             raise ValueError(f"{part}: full diffs are written for LoRA and DoRA; a {kind} exports exactly as it is")
         alpha, rank = _alpha_and_rank(part, cfg)
-        weight = base(part, module).double()
-        delta = (w["up"].double().flatten(1) @ w["down"].double().flatten(1)).reshape(weight.shape) * (alpha / rank)
+        shape = (w["up"].shape[0], *w["down"].shape[1:])  # (out, in) or (out, in, kh, kw)
+        delta = (w["up"].double().flatten(1) @ w["down"].double().flatten(1)).reshape(shape) * (alpha / rank)
         if kind == "dora":  # PEFT's merged weight m · M / ‖M‖ per output row, minus W
+            if base is None:
+                raise ValueError(NEEDS_BASE.format(what="a DoRA's full diff (W' − W)"))
+            weight = base(part, module).double()
             merged = weight + delta
             scale = w["magnitude"].double().flatten() / merged.reshape(merged.shape[0], -1).norm(dim=1)
             delta = scale.reshape(-1, *[1] * (weight.dim() - 1)) * merged - weight
@@ -510,8 +514,6 @@ def export_kohya(
     cfg = config["unet"] if "unet" in config else next(iter(config.values()))
     kind = adapter_kind(cfg)
     if full_diff:
-        if base is None:
-            raise ValueError(NEEDS_BASE.format(what="a full diff (W' − W)"))
         alpha, rank = _alpha_and_rank("unet", cfg)
         diffs = full_diffs(state, config, unet_config, subject.xl, base)
         return save_safetensors(diffs, out_file, lora_metadata(subject, rank, alpha, out_file.stem, "full"))

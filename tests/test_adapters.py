@@ -396,3 +396,33 @@ def test_stage1_writes_the_dora_export_from_its_loaded_base(tmp_path, monkeypatc
     assert downs and all(k.replace(".lora_down.weight", ".dora_scale") in lora for k in downs)
     (again,) = exports.write_all(tmp_path / "models/stage1", None, tmp_path / "again")
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_a_loras_full_diff_needs_no_base_model(tmp_path, monkeypatch):
+    """`posebooth export --full-diff` of a LoRA: W + diff is PEFT's merged weight, and the base model is never
+    loaded for it (its diff is its own (α/r)·up·down; an SDXL base would take 14 GB of memory to read)."""
+    import copy
+
+    from posebooth import models
+
+    ref = "embedded:tiny-sd15"
+    comp, t, trainable = _setup(ref, "lora", alpha=3.0)
+    _randomise(trainable)
+    methods.save("lora", comp, tmp_path, t, "sks")
+    common = {"identifier": "sks", "class_noun": "robot", "model": ref, "resolution": 32}
+    (tmp_path / "provenance.json").write_text(json.dumps({"params": {"common": common, "train": {"method": "lora"}}}))
+    monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("loaded the base model"))
+    written = exports.write_all(tmp_path, None, tmp_path / "out", full_diff=True)
+    assert [p.name for p in written] == ["sks_robot_lora.safetensors", "sks_robot_lora_diff.safetensors"]
+    diffs = load_file(str(written[1]))
+    parts = {"unet": comp.unet, "text_encoder": comp.text_encoder}
+    names = set()
+    for part, model in parts.items():
+        for module_name, module in _adapted(model).items():
+            name = exports.kohya_module_name(part, module_name, dict(comp.unet.config), False)
+            merged = copy.deepcopy(module)
+            merged.merge()
+            want = merged.get_base_layer().weight.detach()
+            assert torch.allclose(module.get_base_layer().weight + diffs[f"{name}.diff"].float(), want, atol=2e-3)
+            names.add(f"{name}.diff")
+    assert set(diffs) == names
