@@ -30,9 +30,7 @@ def row_ratios(stage1: Path) -> torch.Tensor:
     for (part, module), w in sorted(exports.adapter_modules(state).items()):
         alpha, rank = exports._alpha_and_rank(part, config[part])
         weight = base(part, module).double()
-        merged = weight + (alpha / rank) * (w["up"].double().flatten(1) @ w["down"].double().flatten(1)).reshape(
-            weight.shape
-        )
+        merged = weight + exports.lora_delta(w["down"], w["up"], alpha / rank)
         ratios.append(merged.flatten(1).norm(dim=1) / weight.flatten(1).norm(dim=1))
     return torch.cat(ratios)
 

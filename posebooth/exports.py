@@ -318,13 +318,19 @@ DORA_UI_NOTE = (
 )
 
 
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·up·down in the weight's shape, (out, in) or (out, in, kh, kw) (a conv LoRA's up is (out, r, 1, 1)),
+    in float64."""
+    return (up.double().flatten(1) @ down.double().flatten(1)).reshape(up.shape[0], *down.shape[1:]) * scale
+
+
 def dora_scale(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, magnitude: torch.Tensor, scale: float):
     """The output-axis ``dora_scale`` (out, 1, ...) that makes ComfyUI/Forge rebuild PEFT's DoRA weight
     m·M/‖M‖ per output row, M = W + scale·up·down (``scale`` = α/r): m·‖W‖/‖M‖ per row (see above). ``weight``
     is the base model's (out, in) or (out, in, kh, kw) weight; ``magnitude`` PEFT's ``lora_magnitude_vector``
     (out,) or, for a conv layer, (1, out, 1, 1)."""
     w = weight.detach().double()
-    delta = (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape)
+    delta = lora_delta(down, up, 1.0)
 
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1).norm(dim=1)
@@ -408,8 +414,7 @@ def full_diffs(
         if kind not in ("lora", "dora"):
             raise ValueError(f"{part}: full diffs are written for LoRA and DoRA; a {kind} exports exactly as it is")
         alpha, rank = _alpha_and_rank(part, cfg)
-        shape = (w["up"].shape[0], *w["down"].shape[1:])  # (out, in) or (out, in, kh, kw)
-        delta = (w["up"].double().flatten(1) @ w["down"].double().flatten(1)).reshape(shape) * (alpha / rank)
+        delta = lora_delta(w["down"], w["up"], alpha / rank)
         if kind == "dora":  # PEFT's merged weight m · M / ‖M‖ per output row, minus W
             if base is None:
                 raise ValueError(NEEDS_BASE.format(what="a DoRA's full diff (W' − W)"))
@@ -672,10 +677,11 @@ def write_all(stage1: Path, stage2: Path | None, out: Path, full_diff: bool = Fa
     return written
 
 
-def _with_full_diff(adapter: Path, out_file: Path, unet_config: dict, subject: Subject, te, base) -> list[Path]:
-    """The kohya/LyCORIS file, and beside it the ``full_diffs`` one (``<name>_diff``) of a LoRA or DoRA."""
+def _kohya_files(adapter: Path, out_file: Path, unet_config: dict, subject: Subject, te, base, full_diff: bool):
+    """The kohya/LyCORIS file, and with ``full_diff`` beside it the ``full_diffs`` one (``<name>_diff``) of a LoRA
+    or DoRA."""
     written = [export_kohya(adapter, out_file, unet_config, subject, te, base)]
-    if saved_adapter_kind(adapter) in ("lora", "dora"):
+    if full_diff and saved_adapter_kind(adapter) in ("lora", "dora"):
         diff_file = out_file.with_name(f"{out_file.stem}_diff.safetensors")
         written.append(export_kohya(adapter, diff_file, unet_config, subject, te, base, full_diff=True))
     return written
@@ -697,10 +703,7 @@ def write_stage1(
     if has_adapter(stage1):  # LoRA, DoRA (pytorch_lora_weights.safetensors), LoHa, LoKr (peft/)
         path = out / f"{subject.stem}.safetensors"
         base = base or base_weights_from_provenance(stage1)
-        if full_diff:
-            written += _with_full_diff(stage1, path, unet_config, subject, None, base)
-        else:
-            written.append(export_kohya(stage1, path, unet_config, subject, base=base))
+        written += _kohya_files(stage1, path, unet_config, subject, None, base, full_diff)
         if saved_adapter_kind(stage1) == "dora":
             log.warning(DORA_UI_NOTE, path.name)
     if (stage1 / TI_FILE).exists():
@@ -731,10 +734,7 @@ def write_stage2(
         te = stage1 if has_adapter(stage1) else None
         out_file = out / f"{subject.stem}_pose.safetensors"
         base = base or base_weights_from_provenance(stage1)
-        if full_diff:
-            written += _with_full_diff(stage2 / "unet_lora", out_file, unet_config, subject, te, base)
-        else:
-            written.append(export_kohya(stage2 / "unet_lora", out_file, unet_config, subject, te, base))
+        written += _kohya_files(stage2 / "unet_lora", out_file, unet_config, subject, te, base, full_diff)
         if saved_adapter_kind(stage2 / "unet_lora") == "dora":
             log.warning(DORA_UI_NOTE, out_file.name)
     for path in written:
