@@ -36,6 +36,7 @@ def test_pretraining_writes_a_world_that_loads_and_samples_like_sd15(quick_world
     for part in build.PARTS:
         record = json.loads((quick_world / "records" / f"{part}.json").read_text())
         assert record["code_hash"] == build.code_hash(part), part
+        assert record["machine"] == build.machine(), "a record names the CPU and torch that made it"
     assert record["recipe"] != build.recipe(part), "a quick run records its cut-down recipe"
     monkeypatch.setattr(embedded, "WORLD", quick_world)
     monkeypatch.setenv("POSEBOOTH_CACHE", str(tmp_path))

@@ -56,6 +56,24 @@ def quick(part: str, r: dict) -> dict:
     return importlib.import_module(f"posebooth.world.{MODULES[part]}").quick_recipe(r)
 
 
+def machine() -> dict:
+    """Where a part was built: the same code and lock round differently on another CPU (see the README's world
+    section), so a record says which CPU and which torch kernels made its weights."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def run_part(part: str, out: Path, r: dict) -> dict:
     """Train ``part`` into ``out`` from recipe ``r``; returns the part's figures."""
     if part == "base":
@@ -92,7 +110,7 @@ def build(out: Path, parts: tuple[str, ...] | list[str] = PARTS, is_quick: bool 
         if part == "clip":  # the real CLIP tokenizer (3.6 MB): `embedded:world-clip` writes it again, offline
             (out / "clip" / "tokenizer.json").unlink(missing_ok=True)
         record = {"recipe": r, "code_hash": code, "seconds": round(time.perf_counter() - start, 1),
-                  "figures": figures}  # fmt: skip
+                  "figures": figures, "machine": machine()}  # fmt: skip
         (out / "records").mkdir(parents=True, exist_ok=True)
         path = out / "records" / f"{part}.json"
         path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
