@@ -92,13 +92,9 @@ def test_world_ceiling_scores_photos_and_their_round_trip(tmp_path):
 
 def test_world_ceiling_leaves_each_photo_out_of_its_references():
     """Orthogonal embeddings: each is unlike every other, so its leave-one-out score is 0 (1/n if it met itself)."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("world_ceiling", ROOT / "benchmarks" / "world_ceiling.py")
-    ceiling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ceiling)
+    ceiling = _benchmark("world_ceiling")
     basis = torch.eye(4)
     assert torch.allclose(ceiling.leave_one_out(basis, basis), torch.zeros(4))
     near = basis + 0.5 * torch.roll(basis, 1, dims=0)  # query i leans towards reference i - 1 only
@@ -129,3 +125,54 @@ def test_dora_row_scale_measures_each_output_row(tmp_path):
         assert out[:2] == ["rows", str(rows)]
         mean, low, high = (float(out[out.index(k) + 1]) for k in ("mean", "min", "max"))
         assert (mean, low, high) == (1.0, 1.0, 1.0) if not trained else high > 1.01
+
+
+def _benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_world_rebuild_finds_the_changed_weights(tmp_path):
+    """benchmarks/world_rebuild.py's weight table: a copy of the committed base is byte-identical file by file,
+    and one weight moved by 0.25 shows in its own file only, by that much."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    rebuild = _benchmark("world_rebuild")
+    shutil.copytree(ROOT / "world" / "base", tmp_path / "base")
+    unet = tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(unet)
+    key = sorted(weights)[3]
+    weights[key].view(-1)[0] += 0.25
+    save_file(weights, unet)
+    rows = {
+        name: (same, diff) for name, same, diff in rebuild.compare_weights(tmp_path / "base", ROOT / "world" / "base")
+    }
+    assert len(rows) == 3
+    assert rows.pop("base/unet/diffusion_pytorch_model.safetensors") == (False, pytest.approx(0.25, abs=1e-3))
+    assert all(v == (True, 0.0) for v in rows.values()), rows
+
+
+def test_world_rebuild_claims_hold_on_the_committed_metrics_and_fail_on_broken_ones():
+    """The rebuild's pass mark is the guard's claims: all hold on the committed metrics; a stage-2 ControlNet
+    that follows poses worse than the pretrained one, or a stage 1 that learns nothing, fails its claim."""
+    import copy
+    import json
+
+    rebuild = _benchmark("world_rebuild")
+    committed = json.loads((ROOT / "metrics" / "evaluate.json").read_text())
+    assert all(rebuild.claims(committed).values())
+    no_pose = copy.deepcopy(committed)
+    no_pose["pose_adherence"]["pck_0.2"] = committed["pretrained_controlnet"]["pose_adherence"]["pck_0.2"] - 0.1
+    failed = [name for name, ok in rebuild.claims(no_pose).items() if not ok]
+    assert failed == ["stage 2 >= pretrained ControlNet - 0.05", "issue 16: PCK@0.2 >= 0.85"], failed
+    no_subject = copy.deepcopy(committed)
+    no_subject["pose_free"]["dino"]["mean"] = committed["base_model"]["dino"]["mean"]
+    assert [name for name, ok in rebuild.claims(no_subject).items() if not ok] == [
+        "stage 1 learns the subject: DINO > base + 0.1"
+    ]
