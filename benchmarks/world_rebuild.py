@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from posebooth.world.build import FOLDERS  # noqa: E402
 from tests.test_world_guard import DINO_MARGIN, PCK_MARGIN, STAGE2_SLACK  # noqa: E402  (the guard's margins)
 from tests.workspace import copy_repository, git_init, remove_outputs  # noqa: E402
 
@@ -41,7 +42,10 @@ def compare_weights(rebuilt: Path, committed: Path) -> list[tuple[str, bool, flo
     from safetensors.torch import load_file
 
     rows = []
-    for ours in sorted(committed.rglob("*.safetensors")):
+    files = sorted(committed.rglob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{committed}: no committed weights to compare with")
+    for ours in files:
         theirs = rebuilt / ours.relative_to(committed)
         if not theirs.is_file():
             raise FileNotFoundError(f"{theirs}: missing from the rebuilt world (build its part first)")
@@ -61,8 +65,8 @@ def run_pipeline(ws: Path, rebuilt: Path, parts: tuple[str, ...]) -> dict:
     copy_repository(ws)
     remove_outputs(ws)
     for part in parts:
-        shutil.rmtree(ws / "world" / part)
-        shutil.copytree(rebuilt / part, ws / "world" / part)
+        shutil.rmtree(ws / "world" / FOLDERS[part])
+        shutil.copytree(rebuilt / FOLDERS[part], ws / "world" / FOLDERS[part])
         shutil.copy2(rebuilt / "records" / f"{part}.json", ws / "world" / "records" / f"{part}.json")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     git_init(ws, env)
@@ -135,7 +139,8 @@ def main() -> int:
     parts = tuple(args.parts.split(","))
 
     print("| file | byte-identical | largest weight difference |\n|---|---|---|")
-    for name, same, diff in [r for p in parts for r in compare_weights(args.rebuilt / p, ROOT / "world" / p)]:
+    folders = [FOLDERS[p] for p in parts]
+    for name, same, diff in [r for f in folders for r in compare_weights(args.rebuilt / f, ROOT / "world" / f)]:
         print(f"| {name} | {'yes' if same else 'no'} | {diff:.4g} |")
     if "base" in parts:
         print(f"VAE scaling factor: committed {scaling_factor(ROOT / 'world' / 'base'):.4f}, "

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 PARTS = ("base", "controlnet", "clip", "dino", "pose")
 # Each part's module (under posebooth/world): its RECIPE and the file its code hash covers with the scenes.
 MODULES = {"base": "pretrain", "controlnet": "controlnet", "clip": "judges", "dino": "judges", "pose": "posenet"}
+FOLDERS = {"base": "base", "controlnet": "openpose", "clip": "clip", "dino": "dino", "pose": "pose"}  # under world/
 RECIPE_NAMES = {"clip": "CLIP_RECIPE", "dino": "DINO_RECIPE"}  # the module attribute, where not RECIPE
 # The base's helpers are the ControlNet's too: a change there retrains it.
 HASHED = {"base": ("pretrain.py",), "controlnet": ("pretrain.py", "controlnet.py"), "clip": ("judges.py",),
