@@ -198,3 +198,17 @@ def assemble(
     metrics, not_measured = fill(result, template())
     info = {"backbones": backbones, "pose_adherence": pose_detector, "not_measured": not_measured}
     return metrics, breakdown, info
+
+
+# The figures each backbone's embeddings make (backbones' keys as in evaluate.info.json).
+BACKBONE_FIGURES = {"clip": "CLIP-I, CLIP-T, context accuracy", "dino": "DINO, PRES, verification",
+                    "lpips": "LPIPS, DIV", "fid": "FID, KID"}  # fmt: skip
+
+
+def stand_in_note(backbones: dict) -> str | None:
+    """Which figures come from stand-in backbones (random weights that measure nothing), or None when none do."""
+    weak = {name: b for name, b in backbones.items() if b["stand_in"]}
+    if not weak:
+        return None
+    named = "; ".join(f"{BACKBONE_FIGURES.get(name, name)} ({b['model']})" for name, b in weak.items())
+    return f"stand-in backbones: {named} test the pipeline and measure nothing"

@@ -143,8 +143,8 @@ def main() -> None:
         dino.calibration,
         c.seed,
     )
-    if result["stand_in"]:
-        log.warning("stand-in backbones in use: these numbers test the pipeline and measure nothing")
+    if note := scorecard.stand_in_note(backbones):
+        log.warning(note)
     outputs.write_metrics(args.metrics, result)
     outputs.failpoint("evaluate:metrics-written")
     outputs.write_json(args.info, info)

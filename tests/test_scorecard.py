@@ -126,3 +126,19 @@ def test_write_metrics_takes_numbers_and_null_only(tmp_path):
         with pytest.raises(ValueError, match="metrics must be numbers or null"):
             outputs.write_metrics(path, bad)
     assert json.loads(path.read_text())["loss"] == 0.5  # the refused writes left the file as it was
+
+
+def test_the_stand_in_warning_names_only_the_figures_stand_ins_make():
+    """The world default scores DINO and CLIP with the world's models but LPIPS and FID with stand-ins: the warning
+    names those two (not every number), and says nothing when no backbone is a stand-in."""
+    from posebooth.scorecard import stand_in_note
+
+    def backbone(model, stand_in):
+        return {"model": model, "stand_in": stand_in, "source": "stand-in" if stand_in else "world"}
+
+    world = {"clip": backbone("embedded:world-clip", False), "dino": backbone("embedded:world-dino", False),
+             "lpips": backbone("random-alex", True), "fid": backbone("embedded:tiny-inception", True)}  # fmt: skip
+    note = stand_in_note(world)
+    assert "LPIPS, DIV (random-alex)" in note and "FID, KID (embedded:tiny-inception)" in note
+    assert "DINO" not in note and "CLIP" not in note
+    assert stand_in_note({k: b | {"stand_in": False} for k, b in world.items()}) is None
